@@ -1,0 +1,91 @@
+"""Batched inference and scoring of a classifier."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from otfuse.metrics import classification_metrics
+from otfuse.training.inputs import as_input_ids, as_labels, check_label_range, model_device
+
+LOSS = "loss"
+NUM_EXAMPLES = "num_examples"
+
+
+def predict_proba(
+    model: torch.nn.Module, input_ids: np.ndarray | torch.Tensor, *, batch_size: int = 256
+) -> np.ndarray:
+    """Predict class probabilities.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Maps int64 ids of shape (B, T) to logits of shape (B, C).
+    input_ids : array or tensor of shape (N, T)
+        Token ids.
+    batch_size : int
+        Examples per forward pass.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 softmax probabilities of shape (N, C). The model is left in the train or
+        eval mode it had.
+    """
+    logits = _predict_logits(model, as_input_ids(input_ids), batch_size)
+    return torch.softmax(logits, dim=-1).numpy()
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    input_ids: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    *,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Score a classifier in eval mode without gradients.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Maps int64 ids of shape (B, T) to logits of shape (B, C).
+    input_ids : array or tensor of shape (N, T)
+        Token ids.
+    labels : array or tensor of shape (N,)
+        Class indices.
+    batch_size : int
+        Examples per forward pass.
+
+    Returns
+    -------
+    dict of str to float
+        ``"loss"`` (mean cross-entropy), ``"accuracy"``, ``"f1_weighted"``, ``"ece"`` and
+        ``"num_examples"`` (an int). The model is left in the mode it had.
+    """
+    ids = as_input_ids(input_ids)
+    targets = as_labels(labels, len(ids))
+    logits = _predict_logits(model, ids, batch_size)
+    check_label_range(targets, logits.shape[-1])
+    loss = F.cross_entropy(logits.double(), targets).item()
+    probabilities = torch.softmax(logits.double(), dim=-1).numpy()
+    return {
+        LOSS: loss,
+        **classification_metrics(probabilities, targets.numpy()),
+        NUM_EXAMPLES: len(ids),
+    }
+
+
+@torch.no_grad()
+def _predict_logits(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        batches = [model(ids[start:start + batch_size].to(device)).float().cpu()
+                   for start in range(0, len(ids), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(batches)
