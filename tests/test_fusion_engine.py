@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from otfuse.fusion import FusionOptions, fuse
-from otfuse.models import ModelConfig, TransformerClassifier, alignment_spec
+from otfuse.models import ModelConfig, TransformerClassifier, activation_fn, alignment_spec
 
 from fusion_helpers import permute_state, random_symmetry, randomised_state
 
@@ -222,3 +222,17 @@ def test_diagnostics_report_every_group():
     assert all(d.marginal_error < 1e-8 for d in result.diagnostics)
     assert all(np.isfinite(d.transport_cost) for d in result.diagnostics)
     assert result.model_costs[0] == 0.0
+
+
+def test_activation_cost_recovers_permutation():
+    config = PERMUTATION_CASES[1].values[0]
+    state, _ = make_model(config, seed=1)
+    spec = alignment_spec(config)
+    permuted = permute_state(state, spec, random_symmetry(spec, seed=2))
+    inputs = probe_inputs(config)
+
+    fused = fuse([state, permuted], spec, options=FusionOptions(alignment="hard", cost="activation"),
+                 activation_fn=activation_fn(config, inputs)).state_dict
+
+    assert max_difference(fused, state) < 1e-5
+    assert torch.allclose(outputs(config, fused, inputs), outputs(config, state, inputs), atol=1e-5)

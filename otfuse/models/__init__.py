@@ -1,6 +1,6 @@
 """The project's transformer models, each with its alignment spec."""
 
-from otfuse.models.activations import collect_activations
+from otfuse.models.activations import activation_fn, collect_activations, config_for_state_dict
 from otfuse.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from otfuse.models.config import ModelConfig
 from otfuse.models.encoder import PAD_ID, TransformerClassifier, build_model
@@ -11,9 +11,11 @@ __all__ = [
     "CheckpointError",
     "ModelConfig",
     "TransformerClassifier",
+    "activation_fn",
     "alignment_spec",
     "build_model",
     "collect_activations",
+    "config_for_state_dict",
     "load_checkpoint",
     "parameter_shapes",
     "save_checkpoint",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
@@ -52,3 +53,27 @@ def collect_activations(
         for handle in handles:
             handle.remove()
     return {name: torch.cat(parts).T.double().numpy() for name, parts in captured.items()}
+
+
+def config_for_state_dict(base: ModelConfig, state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """Return ``base`` with the widths and depth read off ``state_dict``'s shapes.
+
+    Fused models may have widths other than the base config's (the anchor's), so activations
+    are collected with a config that matches the weights at hand.
+    """
+    layers = 1 + max(int(name.split(".")[1]) for name in state_dict if name.startswith("blocks."))
+    return dataclasses.replace(
+        base,
+        d_model=int(state_dict["tok_emb.weight"].shape[1]),
+        d_ff=int(state_dict["blocks.0.mlp.fc1.weight"].shape[0]),
+        n_layers=layers,
+    )
+
+
+def activation_fn(base: ModelConfig, input_ids: torch.Tensor):
+    """Return a function from a state dict to its activations on ``input_ids``, for ``fuse``."""
+
+    def activations_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        return collect_activations(config_for_state_dict(base, state_dict), state_dict, input_ids)
+
+    return activations_of
