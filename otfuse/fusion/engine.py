@@ -13,7 +13,7 @@ import torch
 
 from otfuse.fusion.align import Activations, GroupDiagnostics, align_model
 from otfuse.fusion.errors import FusionInputError
-from otfuse.fusion.maps import TransportMap, apply_maps
+from otfuse.fusion.maps import TransportMap
 from otfuse.fusion.options import FusionOptions
 from otfuse.fusion.spec import AlignmentSpec, SpecError
 
@@ -163,7 +163,7 @@ def _align_all(
     for index, (model, spec) in enumerate(zip(models, specs)):
         if index == anchor or options.alignment == "none":
             identity = {name: TransportMap.identity(group.size) for name, group in spec.groups.items()}
-            aligned.append(apply_maps(model, spec, identity) if index == anchor else _as_float64(model))
+            aligned.append(_as_float64(model))
             maps.append(identity)
             costs.append(0.0)
             continue

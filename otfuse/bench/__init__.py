@@ -1,0 +1,1 @@
+"""Benchmarks and experiments: ``otfuse bench NAME``."""
