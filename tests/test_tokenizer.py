@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from otfuse.data_partitions import HashTokenizer
 from otfuse.models import PAD_ID
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SENTENCE = "The movie wasn't great.<br /><br />Hyvää päivää!"
 # Computed once with blake2b. If they change, every trained model gets different input ids.
 EXPECTED_WORDS = ["the", "movie", "wasn", "t", "great", "hyvää", "päivää"]
@@ -34,7 +36,7 @@ def test_encode_same_in_subprocess():
     )
     completed = subprocess.run(
         [sys.executable, "-c", script, SENTENCE], capture_output=True, text=True, check=True,
-        env={**os.environ, "PYTHONHASHSEED": "12345"},
+        env={**os.environ, "PYTHONHASHSEED": "12345"}, cwd=REPO_ROOT,
     )
     assert json.loads(completed.stdout)[: len(EXPECTED_IDS)] == EXPECTED_IDS
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ def load_client_data(
     _validate_request(partitioning, partition_id, num_partitions, names, max_train_examples,
                       local_test_fraction)
 
+    partition_id, num_partitions = int(partition_id), int(num_partitions)
     if partitioning == "per-dataset":
         name = names[partition_id]
         rows = load_split(name, TRAIN_SPLIT, data_dir)
@@ -106,7 +108,7 @@ def load_client_data(
 
     rows = _shuffle(rows, seed)
     if max_train_examples is not None:
-        rows = rows.iloc[:max_train_examples].reset_index(drop=True)
+        rows = rows.iloc[: int(max_train_examples)].reset_index(drop=True)
     client = _split_local(rows, local_test_fraction)
     logger.debug(
         "partition %d/%d (%s, %s): %d train rows, %d local test rows",
@@ -170,8 +172,13 @@ def _validate_names(datasets: Sequence[str]) -> list[str]:
     return names
 
 
+def _is_integer(value: object) -> bool:
+    # numpy integers pass. bool is rejected although it subclasses int.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _validate_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not _is_integer(value) or value < 1:
         raise DataError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -191,9 +198,7 @@ def _validate_request(
             f"per-dataset partitioning gives one node per data set, so num_partitions must be "
             f"{len(names)} for {names}, got {num_partitions}; change one of them or use 'iid'"
         )
-    if not isinstance(partition_id, int) or isinstance(partition_id, bool) or not (
-        0 <= partition_id < num_partitions
-    ):
+    if not _is_integer(partition_id) or not 0 <= partition_id < num_partitions:
         raise DataError(
             f"partition_id {partition_id!r} is out of range; it must be an integer in "
             f"[0, {num_partitions - 1}] for num_partitions={num_partitions}"

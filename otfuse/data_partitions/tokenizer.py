@@ -19,7 +19,7 @@ _WORD = re.compile(r"\w+")
 _HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 _HASH_BYTES = 8
-_BUCKET_CACHE_SIZE = 1 << 18
+_BUCKET_CACHE_SIZE = 1 << 16
 
 
 @functools.lru_cache(maxsize=_BUCKET_CACHE_SIZE)
