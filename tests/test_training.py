@@ -11,6 +11,16 @@ from otfuse.training import evaluate_model, predict_proba, train_model
 TINY = ModelConfig(vocab_size=1024, max_len=16, d_model=16, n_heads=2, n_layers=1, d_ff=32)
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    # On a busy 2-core machine, torch's two intra-op threads made these small models 3 to 10
+    # times slower than one thread, so pin one thread for stable test times.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def separable_task(num_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Make padded sequences of random length whose tokens come from the lower half of the
     vocabulary for class 0 and from the upper half for class 1."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -78,7 +80,7 @@ def evaluate_model(
 
 @torch.no_grad()
 def _predict_logits(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = model_device(model)
     was_training = model.training
