@@ -1,0 +1,346 @@
+"""Every run-config setting of the Flower app, with its type, default, allowed values and doc.
+
+Flower hands the ``[tool.flwr.app.config]`` table of ``pyproject.toml``, merged with
+``--run-config`` overrides, to both apps as ``context.run_config``, a flat mapping with dotted
+keys such as ``fusion.reg``. This module is the one place where each setting is defined:
+``pyproject.toml`` repeats the defaults because Flower reads them from there, and a test
+checks that the two agree. Keys use hyphens, as Flower's own keys do (``num-server-rounds``).
+
+Read settings once, at the entry point, with :func:`load_run_config`, and pass the typed
+:class:`RunConfig` down.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from otfuse.data_partitions import DATASET_NAMES, PARTITIONINGS
+from otfuse.fusion import ALIGNMENTS, MASSES, FusionOptions
+from otfuse.models import ModelConfig
+from otfuse.models.config import POOLING_CHOICES
+
+Value = TypeVar("Value", int, float, str, bool)
+
+_DEFAULT_MODEL = ModelConfig()
+_DEFAULT_FUSION = FusionOptions()
+
+
+class RunConfigError(ValueError):
+    """A run-config key is unknown, or its value has the wrong type or is out of range."""
+
+
+@dataclass(frozen=True)
+class Setting(Generic[Value]):
+    """One run-config key: its type, default, allowed values and documentation.
+
+    ``minimum`` and ``maximum`` bound numbers (inclusive unless ``exclusive_minimum``).
+    ``choices`` restricts a string, or, with ``is_list``, each item of a comma-separated list.
+    """
+
+    key: str
+    kind: type[Value]
+    default: Value
+    doc: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    is_list: bool = False
+
+    def describe(self) -> str:
+        """Return the allowed values in words, for error messages and help text."""
+        if self.choices:
+            listed = ", ".join(repr(choice) for choice in self.choices)
+            if self.is_list:
+                return f"a comma-separated list of distinct names from {listed}"
+            return f"one of {listed}"
+        noun = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+        text = noun[self.kind]
+        if self.minimum is not None:
+            text += f" {'>' if self.exclusive_minimum else '>='} {self.minimum:g}"
+        if self.maximum is not None:
+            text += f"{' and' if self.minimum is not None else ''} <= {self.maximum:g}"
+        return text
+
+
+def _setting(*args: Any, **kwargs: Any) -> Setting[Any]:
+    setting: Setting[Any] = Setting(*args, **kwargs)
+    SETTINGS[setting.key] = setting
+    return setting
+
+
+SETTINGS: dict[str, Setting[Any]] = {}
+
+# Federation
+STRATEGY = _setting(
+    "strategy", str, "otfusion",
+    "Server strategy: 'otfusion' fuses client models with optimal-transport alignment, "
+    "'fedavg' is Flower's FedAvg baseline.",
+    choices=("otfusion", "fedavg"),
+)
+NUM_SERVER_ROUNDS = _setting("num-server-rounds", int, 3, "Federated rounds.", minimum=1)
+SEED = _setting(
+    "seed", int, 0,
+    "Seeds the initial model, the data shuffles and every client's training.", minimum=0,
+)
+FRACTION_TRAIN = _setting(
+    "fraction-train", float, 1.0, "Fraction of connected nodes sampled for training each round.",
+    minimum=0.0, maximum=1.0, exclusive_minimum=True,
+)
+FRACTION_EVALUATE = _setting(
+    "fraction-evaluate", float, 1.0,
+    "Fraction of nodes sampled for evaluation on their local held-out data; 0 turns it off.",
+    minimum=0.0, maximum=1.0,
+)
+MIN_TRAIN_NODES = _setting("min-train-nodes", int, 2, "Minimum nodes sampled for training.", minimum=1)
+MIN_EVALUATE_NODES = _setting(
+    "min-evaluate-nodes", int, 2, "Minimum nodes sampled for evaluation.", minimum=0
+)
+MIN_AVAILABLE_NODES = _setting(
+    "min-available-nodes", int, 2,
+    "Nodes that must be connected before a round starts; the server waits without limit.",
+    minimum=1,
+)
+ROUND_TIMEOUT = _setting(
+    "round-timeout", float, 3600.0,
+    "Seconds the server waits for replies in each round; late replies are left out.",
+    minimum=0.0, exclusive_minimum=True,
+)
+OUTPUT_DIR = _setting(
+    "output-dir", str, "",
+    "Folder for model.safetensors and metrics.jsonl. Empty: outputs/<timestamp>-<strategy> "
+    "under the ServerApp's working folder. Give an absolute path, because the ServerApp "
+    "runs in the SuperLink's working folder.",
+)
+
+# Data
+DATA_DIR = _setting(
+    "data-dir", str, "",
+    "Folder of the local Parquet data sets. Empty: the OTFUSE_DATA_DIR environment variable "
+    "of the SuperLink, else the Hugging Face Hub (needs network access).",
+)
+DATASETS = _setting(
+    "datasets", str, ",".join(DATASET_NAMES),
+    "Data sets of the run. With 'per-dataset' partitioning node i trains on the i-th; the "
+    "global test set is the union of their test splits.",
+    choices=DATASET_NAMES, is_list=True,
+)
+PARTITIONING = _setting(
+    "partitioning", str, "per-dataset",
+    "'per-dataset': one data set per node (nodes = data sets); 'iid': equal random shards "
+    "of iid-dataset.",
+    choices=PARTITIONINGS,
+)
+IID_DATASET = _setting(
+    "iid-dataset", str, DATASET_NAMES[0], "The corpus that 'iid' partitioning splits.",
+    choices=DATASET_NAMES,
+)
+MAX_TRAIN_EXAMPLES = _setting(
+    "max-train-examples", int, 3000,
+    "Cap on each node's rows (train plus local test) after shuffling; 0 keeps all.", minimum=0,
+)
+LOCAL_TEST_FRACTION = _setting(
+    "local-test-fraction", float, 0.1,
+    "Share of each node's rows held out for its local evaluation.", minimum=0.0, maximum=0.9,
+)
+MAX_TEST_EXAMPLES = _setting(
+    "max-test-examples", int, 1000,
+    "Cap on the server's global test rows per data set, drawn at random; 0 keeps all.",
+    minimum=0,
+)
+
+# Local training
+LOCAL_EPOCHS = _setting("local-epochs", int, 1, "Passes over the node's data per round.", minimum=1)
+BATCH_SIZE = _setting("batch-size", int, 64, "Examples per optimizer step.", minimum=1)
+LEARNING_RATE = _setting(
+    "learning-rate", float, 2e-3, "AdamW learning rate.", minimum=0.0, exclusive_minimum=True
+)
+WEIGHT_DECAY = _setting("weight-decay", float, 0.01, "AdamW decoupled weight decay.", minimum=0.0)
+
+# Model: the defaults are ModelConfig's.
+MODEL_VOCAB_SIZE = _setting(
+    "model.vocab-size", int, _DEFAULT_MODEL.vocab_size,
+    "Token ids, including padding id 0; the hashing tokenizer uses the same number.", minimum=2,
+)
+MODEL_MAX_LEN = _setting(
+    "model.max-len", int, _DEFAULT_MODEL.max_len, "Tokens per text; longer texts are cut.",
+    minimum=1,
+)
+MODEL_D_MODEL = _setting(
+    "model.d-model", int, _DEFAULT_MODEL.d_model, "Width of the residual stream.", minimum=1
+)
+MODEL_N_HEADS = _setting(
+    "model.n-heads", int, _DEFAULT_MODEL.n_heads, "Attention heads; must divide model.d-model.",
+    minimum=1,
+)
+MODEL_N_LAYERS = _setting("model.n-layers", int, _DEFAULT_MODEL.n_layers, "Transformer blocks.", minimum=1)
+MODEL_D_FF = _setting("model.d-ff", int, _DEFAULT_MODEL.d_ff, "MLP hidden units per block.", minimum=1)
+MODEL_DROPOUT = _setting(
+    "model.dropout", float, _DEFAULT_MODEL.dropout, "Dropout probability while training.",
+    minimum=0.0, maximum=0.9,
+)
+MODEL_POOLING = _setting(
+    "model.pooling", str, _DEFAULT_MODEL.pooling,
+    "'mean' averages the non-padding positions, 'first' takes position 0.",
+    choices=POOLING_CHOICES,
+)
+
+# Fusion (strategy 'otfusion' only): the defaults are FusionOptions'.
+FUSION_ALIGNMENT = _setting(
+    "fusion.alignment", str, _DEFAULT_FUSION.alignment,
+    "'hard': exact optimal transport (permutations); 'soft': entropic optimal transport; "
+    "'none': no alignment, which is weighted averaging as in FedAvg.",
+    choices=ALIGNMENTS,
+)
+FUSION_REG = _setting(
+    "fusion.reg", float, _DEFAULT_FUSION.reg,
+    "Entropic regularisation of soft alignment, relative to the max-normalised ground cost.",
+    minimum=0.0, exclusive_minimum=True,
+)
+FUSION_MASSES = _setting(
+    "fusion.masses", str, _DEFAULT_FUSION.masses,
+    "Support masses of the units: 'uniform', or 'importance' (proportional to unit norms).",
+    choices=MASSES,
+)
+FUSION_ANCHOR = _setting(
+    "fusion.anchor", str, "global",
+    "'global': align every client model to the current global model, which is not averaged "
+    "in; 'client': align to the client model with the most training examples.",
+    choices=("global", "client"),
+)
+FUSION_BARYCENTER_ITERS = _setting(
+    "fusion.barycenter-iters", int, _DEFAULT_FUSION.barycenter_iters,
+    "Extra rounds of aligning every model to the fused model and averaging again.", minimum=0,
+)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Validated run settings: every key of :data:`SETTINGS`, with defaults filled in."""
+
+    values: Mapping[str, Any]
+
+    def get(self, setting: Setting[Value]) -> Value:
+        return self.values[setting.key]
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        return _split_list(self.get(DATASETS))
+
+    def model_config(self) -> ModelConfig:
+        """Build the model config; ``n_classes`` is 2 because every data set is binary."""
+        prefix = "model."
+        fields = {
+            key[len(prefix):].replace("-", "_"): value
+            for key, value in self.values.items()
+            if key.startswith(prefix)
+        }
+        return ModelConfig(n_classes=2, **fields)
+
+    def fusion_options(self) -> FusionOptions:
+        """Build the engine's options; the anchor index is chosen per round by the strategy."""
+        return FusionOptions(
+            alignment=self.get(FUSION_ALIGNMENT),
+            reg=self.get(FUSION_REG),
+            masses=self.get(FUSION_MASSES),
+            barycenter_iters=self.get(FUSION_BARYCENTER_ITERS),
+        )
+
+    def optional_cap(self, setting: Setting[int]) -> int | None:
+        """Return the value of a cap setting, with 0 (no cap) as None."""
+        value = self.get(setting)
+        return value if value > 0 else None
+
+    def to_flower(self) -> dict[str, Any]:
+        """Return the settings as a flat mapping with dotted keys, as Flower passes them."""
+        return dict(self.values)
+
+
+def load_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """Validate a Flower run config and fill in defaults.
+
+    Raises
+    ------
+    RunConfigError
+        For an unknown key, or a value of the wrong type or outside its allowed values. The
+        message names the key, the value and what is allowed.
+    """
+    unknown = [key for key in run_config if key not in SETTINGS]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, SETTINGS, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(SETTINGS)}"
+        raise RunConfigError(f"unknown run-config key {key!r}; {hint}")
+
+    values = {}
+    for key, setting in SETTINGS.items():
+        value = run_config.get(key, setting.default)
+        values[key] = _check_value(setting, value)
+
+    config = RunConfig(values)
+    _check_model(config)
+    return config
+
+
+def _check_value(setting: Setting[Any], value: Any) -> Any:
+    value = _coerce_type(setting, value)
+    if setting.choices:
+        items = _split_list(value) if setting.is_list else (value,)
+        valid = all(item in setting.choices for item in items)
+        if setting.is_list:
+            valid = valid and len(items) > 0 and len(set(items)) == len(items)
+        if not valid:
+            _reject(setting, value)
+        return ",".join(items) if setting.is_list else value
+    if isinstance(value, float) and not math.isfinite(value):
+        _reject(setting, value)
+    below = setting.minimum is not None and (
+        value <= setting.minimum if setting.exclusive_minimum else value < setting.minimum
+    )
+    above = setting.maximum is not None and value > setting.maximum
+    if below or above:
+        _reject(setting, value)
+    return value
+
+
+def _coerce_type(setting: Setting[Any], value: Any) -> Any:
+    # TOML and Flower tell int from float and bool from int; an integer is a valid float.
+    if setting.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if setting.kind is int and isinstance(value, bool):
+        _reject(setting, value)
+    if not isinstance(value, setting.kind):
+        _reject(setting, value)
+    return value
+
+
+def _reject(setting: Setting[Any], value: Any) -> None:
+    example = setting.default if setting.kind is not str else f'"{setting.default}"'
+    raise RunConfigError(
+        f"run-config key {setting.key!r} has invalid value {value!r} "
+        f"({type(value).__name__}); expected {setting.describe()}, for example "
+        f"--run-config '{setting.key}={example}'"
+    )
+
+
+def _split_list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _check_model(config: RunConfig) -> None:
+    try:
+        config.model_config()
+    except ValueError as error:
+        raise RunConfigError(f"invalid model.* run-config settings: {error}") from error
+
+
+def defaults() -> dict[str, Any]:
+    """Return every key with its default value."""
+    return {key: setting.default for key, setting in SETTINGS.items()}
+
+
+__all__ = ["SETTINGS", "RunConfig", "RunConfigError", "Setting", "defaults", "load_run_config"]
