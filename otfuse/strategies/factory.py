@@ -1,0 +1,76 @@
+"""Build the strategy named in the run config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from logging import INFO
+from typing import Any
+
+from flwr.app import MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from otfuse.runconfig import (
+    FRACTION_EVALUATE,
+    FRACTION_TRAIN,
+    FUSION_ANCHOR,
+    LOCAL_TEST_FRACTION,
+    MIN_AVAILABLE_NODES,
+    MIN_EVALUATE_NODES,
+    MIN_TRAIN_NODES,
+    STRATEGY,
+    RunConfig,
+    RunConfigError,
+    load_run_config,
+)
+from otfuse.strategies.otfusion import OTFusion
+
+MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
+
+STRATEGY_NAMES: tuple[str, ...] = ("otfusion", "fedavg")
+
+
+def build_strategy(
+    run_config: RunConfig | Mapping[str, Any],
+    *,
+    train_metrics_aggr_fn: MetricsAggregation | None = None,
+    evaluate_metrics_aggr_fn: MetricsAggregation | None = None,
+) -> Strategy:
+    """Return :class:`OTFusion` for ``strategy="otfusion"`` and Flower's FedAvg for ``"fedavg"``.
+
+    Both get the same sampling settings, so the two strategies run on identical clients.
+
+    Raises
+    ------
+    RunConfigError
+        For an invalid run config or an unknown strategy name.
+    """
+    config = run_config if isinstance(run_config, RunConfig) else load_run_config(run_config)
+    name = config.get(STRATEGY)
+    fraction_evaluate = config.get(FRACTION_EVALUATE)
+    if config.get(LOCAL_TEST_FRACTION) == 0 and fraction_evaluate > 0:
+        log(
+            INFO,
+            "local-test-fraction is 0, so nodes have no held-out data and client-side "
+            "evaluation is off",
+        )
+        fraction_evaluate = 0.0
+    common = {
+        "fraction_train": config.get(FRACTION_TRAIN),
+        "fraction_evaluate": fraction_evaluate,
+        "min_train_nodes": config.get(MIN_TRAIN_NODES),
+        "min_evaluate_nodes": config.get(MIN_EVALUATE_NODES),
+        "min_available_nodes": config.get(MIN_AVAILABLE_NODES),
+        "train_metrics_aggr_fn": train_metrics_aggr_fn,
+        "evaluate_metrics_aggr_fn": evaluate_metrics_aggr_fn,
+    }
+    if name == "otfusion":
+        return OTFusion(
+            config.model_config(),
+            config.fusion_options(),
+            anchor=config.get(FUSION_ANCHOR),
+            **common,
+        )
+    if name == "fedavg":
+        return FedAvg(**common)
+    raise RunConfigError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}")
