@@ -38,8 +38,9 @@ def train_model(
 
     The batch order comes from a ``torch.Generator`` seeded with ``seed``, and dropout
     draws from the global generator seeded with ``seed`` inside ``torch.random.fork_rng``,
-    so the caller's random state is untouched. On the CPU, the same model, data and seed
-    give identical weights. CUDA kernels may still add nondeterminism.
+    so the caller's random state is untouched. On the CPU, the same model, data, seed and
+    torch thread count give identical weights. Another thread count changes the order of
+    float sums and so the weights. CUDA kernels may add nondeterminism too.
 
     Parameters
     ----------
