@@ -1,0 +1,1 @@
+"""The ``otfuse`` command line."""
