@@ -29,6 +29,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fusion.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     fusion.set_defaults(handler=run_fusion)
 
+    from otfuse.bench.config import available_experiments, load_experiment
+
+    for name in available_experiments():
+        config = load_experiment(name)
+        experiment = benchmarks.add_parser(
+            name, help=config.description.split(".")[0].strip(), description=config.description
+        )
+        experiment.add_argument("--out", type=Path, default=Path(f"outputs/bench-{name}"),
+                                help="folder for results.md, the CSV files and the plots")
+        experiment.add_argument("--data-dir", help="local Parquet data folder (default: $OTFUSE_DATA_DIR, else the hub)")
+        experiment.add_argument("--mode", choices=("oneshot", "federated", "all"), default="all",
+                                help="run one-shot fusion, the federated simulation, or both (default: the modes in the config)")
+        experiment.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the config's)")
+        experiment.add_argument("--tiny", action="store_true",
+                                help="a few hundred examples, 2 seeds, a small model: a smoke test that finishes in minutes")
+        experiment.set_defaults(handler=run_experiment_command, experiment=name)
+
 
 def run_fusion(args: argparse.Namespace) -> int:
     """Run the fusion speed benchmark and write ``results.md`` into ``args.out``."""
@@ -55,4 +72,20 @@ def run_fusion(args: argparse.Namespace) -> int:
     text = "\n\n".join(sections) + "\n"
     (args.out / "results.md").write_text(text, encoding="utf-8")
     console.print(text)
+    return 0
+
+
+def run_experiment_command(args: argparse.Namespace) -> int:
+    """Run a pinned experiment in the requested modes and write its report into ``args.out``."""
+    from otfuse.bench.config import load_experiment
+    from otfuse.bench.runner import run_experiment, tiny_overrides
+
+    config = load_experiment(args.experiment)
+    if args.tiny:
+        config = config.with_overrides(**tiny_overrides(config))
+    if args.seeds:
+        config = config.with_overrides(seeds=tuple(args.seeds))
+    modes = config.modes if args.mode == "all" else (args.mode,)
+    report = run_experiment(config, args.out, data_dir=args.data_dir, modes=modes)
+    Console().print(f"results: {report}")
     return 0

@@ -1,0 +1,153 @@
+"""Federated mode of an experiment: the same clients through the Flower simulation, per strategy.
+
+Each strategy and seed is one ``otfuse run`` (a local SuperLink and a Ray simulation), so the
+strategies see identical clients, data and initial model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+
+from otfuse.bench.config import ExperimentConfig
+from otfuse.bench.report import markdown_table, plot_rounds, summarise
+from otfuse.models import ModelConfig, parameter_shapes
+
+logger = logging.getLogger(__name__)
+
+# Federated strategy names of the experiment files and their run-config settings.
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "fedavg": {"strategy": "fedavg"},
+    "otfusion-hard": {"strategy": "otfusion", "fusion.alignment": "hard"},
+    "otfusion-soft": {"strategy": "otfusion", "fusion.alignment": "soft"},
+    "otfusion-none": {"strategy": "otfusion", "fusion.alignment": "none"},
+}
+FLOWER_METRICS = ("accuracy", "f1_weighted", "loss")
+
+
+def run_config_values(config: ExperimentConfig, strategy: str, seed: int) -> dict[str, Any]:
+    """Translate the experiment's settings into the Flower app's run-config keys."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown federated strategy {strategy!r}; choose from {sorted(STRATEGIES)}")
+    values: dict[str, Any] = {
+        "seed": seed,
+        "num-server-rounds": int(config.federated.get("rounds", 3)),
+        "datasets": ",".join(config.datasets),
+        "partitioning": "iid" if config.parent_data == "shared" else config.partitioning,
+        "iid-dataset": config.datasets[0],
+        "max-train-examples": config.max_train_examples or 0,
+        "max-test-examples": config.max_test_examples or 0,
+        "local-epochs": config.epochs,
+        "batch-size": config.batch_size,
+        "learning-rate": config.lr,
+        # The parents of one-shot mode train on all their rows, so clients hold none out here.
+        "local-test-fraction": 0.0,
+        "fraction-evaluate": 0.0,
+        "min-train-nodes": config.num_parents,
+        "min-evaluate-nodes": 0,
+        "min-available-nodes": config.num_parents,
+    }
+    for key, value in config.model.items():
+        values[f"model.{key.replace('_', '-')}"] = value
+    values.update(STRATEGIES[strategy])
+    return values
+
+
+def _run_config_line(values: Mapping[str, Any]) -> str:
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = json.dumps(value)
+        else:
+            text = repr(value)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def run_one(config: ExperimentConfig, strategy: str, seed: int, out_dir: Path, data_dir=None,
+            quiet: bool = True) -> list[dict[str, Any]]:
+    """Run one strategy and seed through ``otfuse run``; return its metrics records."""
+    from otfuse.cli.run_command import execute, plan_run
+    from otfuse.server.outputs import METRICS_FILE, read_metrics
+
+    output_dir = out_dir / "federated" / f"{strategy}-seed{seed}"
+    if (output_dir / METRICS_FILE).exists():
+        logger.info("%s seed %d already ran; reading %s", strategy, seed, output_dir / METRICS_FILE)
+        return read_metrics(output_dir / METRICS_FILE)
+    args = argparse.Namespace(
+        app=None, strategy=None, rounds=None, data_dir=data_dir, num_clients=config.num_parents,
+        output_dir=str(output_dir), run_config=[_run_config_line(run_config_values(config, strategy, seed))],
+        client_cpus=1, quiet=quiet,
+    )
+    plan = plan_run(args)
+    return execute(plan, Console(quiet=quiet))
+
+
+def records_to_rows(records: list[dict[str, Any]], strategy: str, seed: int, bytes_per_round: float,
+                    local_epochs: int) -> list[dict[str, Any]]:
+    rows = []
+    for record in records:
+        scores = {**record.get("datasets", {}), "overall": record.get("overall", {})}
+        for test_set, values in scores.items():
+            rows.append({
+                "seed": seed, "strategy": strategy, "round": record["round"], "test_set": test_set,
+                **{metric: values.get(metric) for metric in (*FLOWER_METRICS, "ece")},
+                "fusion_seconds": record.get("fusion_seconds"),
+                "mb_sent_per_round": bytes_per_round / 1e6 if record["round"] > 0 else 0.0,
+                "client_epochs_per_round": local_epochs if record["round"] > 0 else 0,
+            })
+    return rows
+
+
+def run_federated_mode(config: ExperimentConfig, out_dir: Path, data_dir=None, show_progress: bool = True) -> str:
+    """Run every configured strategy and seed; write ``federated.csv`` and plots; return a Markdown section."""
+    from rich.progress import Progress
+
+    strategies = list(config.federated.get("strategies", ["fedavg", "otfusion-hard"]))
+    architecture = ModelConfig.from_dict({"n_classes": 2, **dict(config.model)})
+    model_bytes = 4 * sum(_count(shape) for shape in parameter_shapes(architecture).values())
+    # Every round the server sends the global model to each client and each client replies with its model.
+    bytes_per_round = 2 * config.num_parents * model_bytes
+    rows = []
+    with Progress(transient=True, disable=not show_progress) as progress:
+        task = progress.add_task(f"{config.name} federated", total=len(strategies) * len(config.seeds))
+        for seed in config.seeds:
+            for strategy in strategies:
+                records = run_one(config, strategy, seed, out_dir, data_dir)
+                rows.extend(records_to_rows(records, strategy, seed, bytes_per_round, config.epochs))
+                progress.advance(task)
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out_dir / "federated.csv", index=False)
+    overall = frame[frame["test_set"] == "overall"]
+    plot_rounds(overall, out_dir / "federated_rounds.png", title=f"{config.name}: global test accuracy per round")
+    final_round = frame[frame["round"] == frame["round"].max()].rename(columns={"strategy": "model"})
+    summary = summarise(final_round, metrics=("accuracy", "f1_weighted"))
+    rounds = int(frame["round"].max())
+    lines = [
+        "## Federated simulation",
+        "",
+        f"{rounds} rounds, {config.num_parents} clients, {config.epochs} local epoch(s) per round, "
+        f"{bytes_per_round / 1e6:.1f} MB sent per round (model down and up, every client). "
+        "Scores of the global model after the last round:",
+        "",
+    ]
+    for test_set in dict.fromkeys(summary["test_set"]):
+        lines += [f"### Test set: {test_set}", "", markdown_table(summary, test_set, metrics=("accuracy", "f1_weighted")), ""]
+    lines += ["![rounds](federated_rounds.png)", ""]
+    return "\n".join(lines)
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total

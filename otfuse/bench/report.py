@@ -1,0 +1,115 @@
+"""Result tables and plots shared by every experiment: mean ± std over seeds, CSV, PNG."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+METRICS = ("accuracy", "f1_weighted", "ece")
+RELIABILITY_BINS = 15
+
+
+def summarise(rows: pd.DataFrame, keys: Sequence[str] = ("test_set", "model"),
+              metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+    """Return mean, std and number of seeds of each metric per group of ``keys``."""
+    grouped = rows.groupby(list(keys), sort=False)[list(metrics)]
+    summary = grouped.agg(["mean", "std", "count"])
+    summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
+    return summary.reset_index()
+
+
+def markdown_table(summary: pd.DataFrame, test_set: str, metrics: Sequence[str] = METRICS,
+                   extra: Sequence[str] = ()) -> str:
+    """Render one test set's rows as a Markdown table of ``mean ± std`` cells.
+
+    The best mean of each metric is bold (highest, or lowest for ECE).
+    """
+    part = summary[summary["test_set"] == test_set]
+    best = {}
+    for metric in metrics:
+        means = part[f"{metric}_mean"]
+        best[metric] = means.min() if metric == "ece" else means.max()
+    header = ["model", *metrics, "seeds", *extra]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in part.iterrows():
+        cells = [str(row["model"])]
+        for metric in metrics:
+            mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
+            text = f"{mean:.3f} ± {0.0 if np.isnan(std) else std:.3f}"
+            cells.append(f"**{text}**" if np.isclose(mean, best[metric]) else text)
+        cells.append(str(int(row[f"{metrics[0]}_count"])))
+        cells.extend(str(row[column]) for column in extra)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_bars(summary: pd.DataFrame, path: Path, metric: str = "accuracy", title: str = "") -> Path:
+    """Bar chart of ``metric`` per model, one group of bars per test set, with std error bars."""
+    test_sets = list(dict.fromkeys(summary["test_set"]))
+    models = list(dict.fromkeys(summary["model"]))
+    width = 0.8 / max(len(models), 1)
+    figure, axes = plt.subplots(figsize=(max(6, 1.2 * len(test_sets) * len(models) / 2), 4))
+    for index, model in enumerate(models):
+        part = summary[summary["model"] == model].set_index("test_set").reindex(test_sets)
+        positions = np.arange(len(test_sets)) + index * width
+        axes.bar(positions, part[f"{metric}_mean"], width, yerr=part[f"{metric}_std"].fillna(0), label=model)
+    axes.set_xticks(np.arange(len(test_sets)) + width * (len(models) - 1) / 2, test_sets)
+    axes.set_ylabel(metric)
+    low = np.nanmin(summary[f"{metric}_mean"]) if metric != "ece" else 0.0
+    axes.set_ylim(max(0.0, low - 0.1), None)
+    axes.set_title(title or metric)
+    axes.legend(fontsize="small", ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_reliability(probabilities: Mapping[str, np.ndarray], labels: np.ndarray, path: Path,
+                     title: str = "reliability", bins: int = RELIABILITY_BINS) -> Path:
+    """Reliability diagram: accuracy against confidence in equal-width bins, one line per model."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    figure, axes = plt.subplots(figsize=(5, 5))
+    axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    for name, probs in probabilities.items():
+        confidence = probs.max(axis=1)
+        correct = probs.argmax(axis=1) == labels
+        centres, accuracies = [], []
+        for low, high in zip(edges[:-1], edges[1:]):
+            inside = (confidence > low) & (confidence <= high)
+            if inside.any():
+                centres.append(confidence[inside].mean())
+                accuracies.append(correct[inside].mean())
+        axes.plot(centres, accuracies, marker="o", markersize=3, label=name)
+    axes.set_xlabel("confidence")
+    axes.set_ylabel("accuracy")
+    axes.set_title(title)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_rounds(rounds: pd.DataFrame, path: Path, metric: str = "accuracy", title: str = "") -> Path:
+    """Line plot of ``metric`` per round, one line per strategy, mean over seeds with a std band."""
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for strategy, part in rounds.groupby("strategy", sort=False):
+        stats = part.groupby("round")[metric].agg(["mean", "std"]).fillna(0.0)
+        axes.plot(stats.index, stats["mean"], marker="o", label=strategy)
+        axes.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2)
+    axes.set_xlabel("round")
+    axes.set_ylabel(metric)
+    axes.set_title(title or metric)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
