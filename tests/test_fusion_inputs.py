@@ -201,3 +201,28 @@ def test_spec_rejects_wrong_axis_count():
     with pytest.raises(SpecError) as raised:
         spec_builder().build({**SHAPES, "fc1.bias": (8, 1)})
     assert "'fc1.bias' has 2 axes" in str(raised.value)
+
+
+def failing_options(**kwargs) -> FusionOptions:
+    # Two Sinkhorn iterations at a tiny reg cannot meet the marginal tolerance.
+    return FusionOptions(alignment="soft", reg=1e-3, max_sinkhorn_iters=2, **kwargs)
+
+
+def test_failed_plan_raises_by_default():
+    state = small_state()
+    other = small_state(seed=1)
+    with pytest.raises(FusionError) as raised:
+        fuse([state, other], alignment_spec(SMALL), options=failing_options())
+    assert "raise the regularisation" in str(raised.value)
+
+
+def test_failed_plan_falls_back_to_averaging():
+    state = small_state()
+    other = small_state(seed=1)
+    spec = alignment_spec(SMALL)
+
+    result = fuse([state, other], spec, options=failing_options(on_plan_failure="average"))
+
+    plain = fuse([state, other], spec, options=FusionOptions(alignment="none")).state_dict
+    assert {record.group for record in result.fallbacks} == set(spec.groups)
+    assert all(torch.equal(result.state_dict[name], plain[name]) for name in plain)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from otfuse.fusion.cost import ground_cost, support_masses
-from otfuse.fusion.errors import FusionInputError
+from otfuse.fusion.errors import FusionError, FusionInputError
 from otfuse.fusion.maps import TransportMap, apply_maps, transform_axis
 from otfuse.fusion.options import FusionOptions
 from otfuse.fusion.solver import solve
@@ -51,6 +51,7 @@ class GroupDiagnostics:
     marginal_error: float
     identity_distance: float | None
     seconds: float
+    fallback: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -97,7 +98,12 @@ def align_model(
                              source_activations, target_activations)
                 for group in unit
             ]
-            unit_maps, infos = _solve_unit(unit, source_spec, descriptors, options)
+            fallback = None
+            try:
+                unit_maps, infos = _solve_unit(unit, source_spec, descriptors, options)
+            except FusionError as error:
+                unit_maps, infos = _identity_fallback(unit, source_spec, options, error, model_index)
+                fallback = str(error)
             seconds = (time.perf_counter() - started) / len(unit)
             for group, (cost_value, iterations, error) in zip(unit, infos):
                 transport = unit_maps[group.name]
@@ -113,10 +119,34 @@ def align_model(
                     marginal_error=error,
                     identity_distance=transport.identity_distance(),
                     seconds=seconds,
+                    fallback=fallback,
                 )
                 logger.debug("model %d group %s: %s", model_index, group.name, diagnostics[group.name])
     aligned = apply_maps(source, source_spec, maps)
     return aligned, maps, list(diagnostics.values())
+
+
+def _identity_fallback(
+    unit: list[GroupSpec],
+    source_spec: AlignmentSpec,
+    options: FusionOptions,
+    error: FusionError,
+    model_index: int,
+) -> tuple[dict[str, TransportMap], list[tuple[float, int, float]]]:
+    """Use identity maps for a unit whose plan failed, if ``options.on_plan_failure`` allows it.
+
+    The identity map averages the unit's units position by position, as plain averaging does,
+    so one failed layer does not break the fused model. It needs equal sizes.
+    """
+    sizes_differ = any(source_spec.groups[g.name].size != g.size for g in unit)
+    if options.on_plan_failure != "average" or sizes_differ:
+        raise error
+    logger.warning(
+        "model %d: %s; using plain averaging for %s instead",
+        model_index, error, ", ".join(g.name for g in unit),
+    )
+    maps = {group.name: TransportMap.identity(group.size) for group in unit}
+    return maps, [(float("nan"), 0, 0.0) for _ in unit]
 
 
 def _descriptors(

@@ -38,6 +38,11 @@ class FusionResult:
     seconds: float
     maps: list[dict[str, TransportMap]] = field(default_factory=list, repr=False)
 
+    @property
+    def fallbacks(self) -> list[GroupDiagnostics]:
+        """Diagnostics of the groups whose plan failed and that were averaged without alignment."""
+        return [record for record in self.diagnostics if record.fallback is not None]
+
 
 def fuse(
     models: Sequence[StateDict],

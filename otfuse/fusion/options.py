@@ -9,6 +9,7 @@ from otfuse.fusion.errors import FusionInputError
 ALIGNMENTS = ("hard", "soft", "none")
 MASSES = ("uniform", "importance")
 COSTS = ("weight", "activation")
+PLAN_FAILURE_POLICIES = ("raise", "average")
 
 # Entropic regularisation for soft alignment, relative to a ground cost scaled to [0, 1].
 # The transformer-fusion reference configuration (Imfeld et al., 2024) found 0.06 best for
@@ -49,6 +50,10 @@ class FusionOptions:
         biases); later passes use every tensor that produces the group.
     max_sinkhorn_iters : int
         Iteration limit of the Sinkhorn solver.
+    on_plan_failure : {"raise", "average"}
+        What a plan that fails its checks does: raise :class:`FusionError`, or fall back to
+        identity maps (plain averaging) for that group, with a warning and a ``fallback``
+        entry in the group's diagnostics. The fallback needs equal widths and raises otherwise.
     """
 
     alignment: str = "hard"
@@ -60,11 +65,13 @@ class FusionOptions:
     match_heads: bool = True
     sweeps: int = 1
     max_sinkhorn_iters: int = 10_000
+    on_plan_failure: str = "raise"
 
     def __post_init__(self) -> None:
         _check_choice("alignment", self.alignment, ALIGNMENTS)
         _check_choice("masses", self.masses, MASSES)
         _check_choice("cost", self.cost, COSTS)
+        _check_choice("on_plan_failure", self.on_plan_failure, PLAN_FAILURE_POLICIES)
         if not isinstance(self.reg, (int, float)) or isinstance(self.reg, bool) or not self.reg > 0:
             raise FusionInputError(
                 f"reg must be a positive number, got {self.reg!r}; 0.01 to 0.1 suits a max-normalised cost"
