@@ -221,3 +221,21 @@ def test_find_app_dir_default():
 def test_find_app_dir_rejects_folder(tmp_path):
     with pytest.raises(run_command.CommandError, match="no Flower app"):
         run_command.find_app_dir(str(tmp_path))
+
+
+# pathspec deprecates the pattern class that flwr 1.42 uses to read .gitignore.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:pathspec")
+def test_fab_contains_only_package():
+    # flwr run builds this bundle from the checkout, which also contains the virtual environment.
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(REPOSITORY))).namelist()
+
+    assert "otfuse/server/app.py" in names
+    assert "otfuse/client/app.py" in names
+    assert "pyproject.toml" in names
+    outside = [name for name in names if not name.startswith("otfuse/")]
+    assert sorted(outside) == [".info/CONTENT", "README.md", "pyproject.toml"]
