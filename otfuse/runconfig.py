@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 
 from otfuse.data_partitions import DATASET_NAMES, PARTITIONINGS
 from otfuse.fusion import ALIGNMENTS, MASSES, FusionOptions
+from otfuse.fusion.options import PLAN_FAILURE_POLICIES
 from otfuse.models import ModelConfig
 from otfuse.models.config import POOLING_CHOICES
 
@@ -216,6 +217,12 @@ FUSION_BARYCENTER_ITERS = _setting(
     "fusion.barycenter-iters", int, _DEFAULT_FUSION.barycenter_iters,
     "Extra rounds of aligning every model to the fused model and averaging again.", minimum=0,
 )
+FUSION_ON_PLAN_FAILURE = _setting(
+    "fusion.on-plan-failure", str, _DEFAULT_FUSION.on_plan_failure,
+    "A transport plan that fails its checks: 'raise' keeps the previous global model for the "
+    "round, 'average' falls back to plain averaging for that group and logs a warning.",
+    choices=PLAN_FAILURE_POLICIES,
+)
 
 
 @dataclass(frozen=True)
@@ -248,6 +255,7 @@ class RunConfig:
             reg=self.get(FUSION_REG),
             masses=self.get(FUSION_MASSES),
             barycenter_iters=self.get(FUSION_BARYCENTER_ITERS),
+            on_plan_failure=self.get(FUSION_ON_PLAN_FAILURE),
         )
 
     def optional_cap(self, setting: Setting[int]) -> int | None:

@@ -95,6 +95,7 @@ def test_fused_arrays_match_global_model(run_config, global_arrays, replies):
     report = strategy.history[1]
     assert report.num_models == 3
     assert report.dropped_nodes == []
+    assert report.fallback_groups == []
     assert report.seconds > 0
 
 
@@ -285,7 +286,7 @@ def test_fedavg_is_flower_fedavg(run_config):
 def test_otfusion_takes_fusion_options(run_config):
     strategy = build_strategy(
         {**run_config, "fusion.alignment": "soft", "fusion.reg": 0.1, "fusion.masses": "importance",
-         "fusion.anchor": "client", "fusion.barycenter-iters": 2}
+         "fusion.anchor": "client", "fusion.barycenter-iters": 2, "fusion.on-plan-failure": "average"}
     )
 
     assert isinstance(strategy, OTFusion)
@@ -293,6 +294,7 @@ def test_otfusion_takes_fusion_options(run_config):
     assert strategy.fusion_options.reg == 0.1
     assert strategy.fusion_options.masses == "importance"
     assert strategy.fusion_options.barycenter_iters == 2
+    assert strategy.fusion_options.on_plan_failure == "average"
     assert strategy.anchor == "client"
 
 

@@ -40,6 +40,7 @@ class RoundFusion:
     dropped_nodes: list[int] = field(default_factory=list)
     seconds: float | None = None
     model_costs: list[float] = field(default_factory=list)
+    fallback_groups: list[str] = field(default_factory=list)
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -98,7 +99,8 @@ class OTFusion(FedAvg):
             options.alignment, options.reg, options.masses,
         )
         log(INFO, "\t\t├── Anchor: %s", self.anchor)
-        log(INFO, "\t\t└── Barycenter iterations: %d", options.barycenter_iters)
+        log(INFO, "\t\t├── Barycenter iterations: %d", options.barycenter_iters)
+        log(INFO, "\t\t└── On plan failure: %s", options.on_plan_failure)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -194,6 +196,7 @@ class OTFusion(FedAvg):
         report.num_models = len(models)
         report.seconds = time.perf_counter() - started
         report.model_costs = [float(cost) for cost in result.model_costs]
+        report.fallback_groups = sorted({record.group for record in result.fallbacks})
         _log_fusion(server_round, updates, result, report, self.fusion_options.alignment, self.anchor)
         fused = {name: tensor.float().contiguous() for name, tensor in result.state_dict.items()}
         return ArrayRecord(fused)
@@ -235,6 +238,12 @@ def _log_fusion(
     )
     if costs:
         log(INFO, "\t└──> Mean transport cost per client model: %s", costs)
+    if report.fallback_groups:
+        log(
+            WARNING,
+            "\t└──> plain averaging replaced failed transport plans of groups %s",
+            ", ".join(report.fallback_groups),
+        )
     records = [record.as_dict() for record in result.diagnostics]
     marginal_errors = [
         float(record["marginal_error"])
