@@ -1,4 +1,8 @@
-"""Classification metrics on plain arrays: accuracy, weighted F1 and calibration error.
+"""Classification metrics on plain arrays: accuracy, F1 and calibration error.
+
+Single-label scores take class indices of shape (N,). Multi-label scores take multi-hot
+labels of shape (N, C) and per-class probabilities, thresholded at
+:data:`MULTI_LABEL_THRESHOLD`.
 
 This module imports nothing else of otfuse, so clients, the server and the benchmarks
 score models the same way.
@@ -12,7 +16,11 @@ from sklearn.metrics import accuracy_score, f1_score
 
 ACCURACY = "accuracy"
 F1_WEIGHTED = "f1_weighted"
+F1_MICRO = "f1_micro"
 ECE = "ece"
+
+#: A class counts as predicted present when its probability is at least this value.
+MULTI_LABEL_THRESHOLD = 0.5
 
 #: How far a row of probabilities may sum from 1, to allow for float32 softmax rounding.
 PROBABILITY_SUM_TOLERANCE = 1e-3
@@ -72,12 +80,16 @@ def expected_calibration_error(probabilities: ArrayLike, labels: ArrayLike, n_bi
 def classification_metrics(probabilities: ArrayLike, labels: ArrayLike) -> dict[str, float]:
     """Score predicted class probabilities against labels.
 
+    Labels of shape (N, C) are multi-hot, and the result is :func:`multilabel_metrics`.
+
     Returns
     -------
     dict of str to float
         ``"accuracy"`` and ``"f1_weighted"`` of the most probable class, and ``"ece"``
         (:func:`expected_calibration_error` with its default bins).
     """
+    if np.ndim(labels) == 2:
+        return multilabel_metrics(probabilities, labels)
     probabilities, labels = _probabilities_and_labels(probabilities, labels)
     predictions = probabilities.argmax(axis=1)
     return {
@@ -85,6 +97,68 @@ def classification_metrics(probabilities: ArrayLike, labels: ArrayLike) -> dict[
         F1_WEIGHTED: weighted_f1(labels, predictions),
         ECE: expected_calibration_error(probabilities, labels),
     }
+
+
+def multilabel_metrics(
+    probabilities: ArrayLike, labels: ArrayLike, threshold: float = MULTI_LABEL_THRESHOLD
+) -> dict[str, float]:
+    """Score per-class probabilities against multi-hot labels.
+
+    Parameters
+    ----------
+    probabilities : array of shape (N, C)
+        Probability that each class is present, for example sigmoid outputs.
+    labels : array of shape (N, C)
+        1 where the class is present, else 0.
+    threshold : float
+        A class is predicted present when its probability is at least this value.
+
+    Returns
+    -------
+    dict of str to float
+        ``"accuracy"``: subset accuracy, the share of examples whose predicted set of
+        classes equals the true set. ``"f1_micro"``: F1 over all (example, class) pairs.
+        ``"f1_weighted"``: per-class F1 averaged with weights proportional to each class's
+        positive count. ``"ece"``: :func:`multilabel_calibration_error`. A class that is
+        never predicted scores F1 0 instead of raising a warning.
+    """
+    probabilities, labels = _multilabel_inputs(probabilities, labels)
+    predictions = (probabilities >= threshold).astype(np.int64)
+    return {
+        ACCURACY: float(accuracy_score(labels, predictions)),
+        F1_MICRO: float(f1_score(labels, predictions, average="micro", zero_division=0)),
+        F1_WEIGHTED: float(f1_score(labels, predictions, average="weighted", zero_division=0)),
+        ECE: multilabel_calibration_error(probabilities, labels),
+    }
+
+
+def multilabel_calibration_error(probabilities: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
+    """Compute the expected calibration error of every (example, class) pair as a binary decision.
+
+    Each pair is one binary prediction with probabilities ``(1 - p, p)``, so this is
+    :func:`expected_calibration_error` over the ``N * C`` pairs.
+    """
+    probabilities, labels = _multilabel_inputs(probabilities, labels)
+    present = probabilities.reshape(-1)
+    binary = np.stack([1.0 - present, present], axis=1)
+    return expected_calibration_error(binary, labels.reshape(-1), n_bins=n_bins)
+
+
+def _multilabel_inputs(probabilities: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or probabilities.shape != labels.shape:
+        raise ValueError(
+            f"multi-label probabilities and labels must both have shape (N, C), got "
+            f"{probabilities.shape} and {labels.shape}; pass one column per class"
+        )
+    if len(labels) == 0:
+        raise ValueError("labels is empty; a metric needs at least one example")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("multi-hot labels must be 0 or 1; threshold soft targets first")
+    if not np.isfinite(probabilities).all() or probabilities.min() < 0 or probabilities.max() > 1:
+        raise ValueError("probabilities must lie in [0, 1]; apply a sigmoid to logits first")
+    return probabilities, labels.astype(np.int64)
 
 
 def _paired_labels(labels: ArrayLike, predictions: ArrayLike) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,8 @@ from otfuse.metrics import (
     accuracy,
     classification_metrics,
     expected_calibration_error,
+    multilabel_calibration_error,
+    multilabel_metrics,
     weighted_f1,
 )
 
@@ -64,6 +66,53 @@ def test_classification_metrics_keys_and_values():
     assert metrics["accuracy"] == pytest.approx(0.75)
     assert metrics["f1_weighted"] == pytest.approx(23 / 30)
     assert metrics["ece"] == pytest.approx(expected_calibration_error(probabilities, LABELS))
+
+
+# Multi-label. Thresholded at 0.5, the predictions are [[1, 0, 1], [0, 0, 1], [1, 1, 0]], and
+# only row 0 is exactly right, so subset accuracy is 1/3. Per class (TP, FP, FN, positives):
+# class 0 (1, 1, 0, 1) has F1 2/3, class 1 (0, 1, 1, 1) has F1 0, class 2 (2, 0, 1, 3) has
+# F1 0.8. Micro: TP 3, FP 2, FN 2, so F1 = 6 / 10. Weighted: (2/3 + 0 + 3 * 0.8) / 5.
+MULTI_LABELS = [[1, 0, 1], [0, 1, 1], [0, 0, 1]]
+MULTI_PROBABILITIES = [[0.9, 0.2, 0.8], [0.1, 0.4, 0.6], [0.7, 0.6, 0.3]]
+
+
+def test_multilabel_hand_example():
+    metrics = multilabel_metrics(MULTI_PROBABILITIES, MULTI_LABELS)
+    assert metrics["accuracy"] == pytest.approx(1 / 3)
+    assert metrics["f1_micro"] == pytest.approx(0.6)
+    assert metrics["f1_weighted"] == pytest.approx((2 / 3 + 3 * 0.8) / 5)
+
+
+def test_multilabel_subset_accuracy():
+    # Rows 0 and 2 now match their predictions exactly, and row 1 misses class 1.
+    labels = [[1, 0, 1], [0, 1, 1], [1, 1, 0]]
+    assert multilabel_metrics(MULTI_PROBABILITIES, labels)["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_multilabel_ece_is_binary_ece():
+    flat = np.asarray(MULTI_PROBABILITIES).reshape(-1)
+    expected = expected_calibration_error(np.stack([1 - flat, flat], axis=1), np.asarray(MULTI_LABELS).reshape(-1))
+    assert multilabel_calibration_error(MULTI_PROBABILITIES, MULTI_LABELS) == pytest.approx(expected)
+
+
+def test_classification_metrics_dispatches_multilabel():
+    assert classification_metrics(MULTI_PROBABILITIES, MULTI_LABELS) == multilabel_metrics(
+        MULTI_PROBABILITIES, MULTI_LABELS
+    )
+
+
+@pytest.mark.parametrize(
+    ("probabilities", "labels", "message"),
+    [
+        pytest.param([[0.5, 0.5]], [[1, 0, 1]], r"shape \(N, C\)", id="shape-mismatch"),
+        pytest.param([[0.5, 0.5]], [[2, 0]], "0 or 1", id="label-not-binary"),
+        pytest.param([[1.5, 0.5]], [[1, 0]], "apply a sigmoid", id="probability-above-one"),
+        pytest.param(np.zeros((0, 2)), np.zeros((0, 2)), "at least one example", id="empty"),
+    ],
+)
+def test_invalid_multilabel_input_rejected(probabilities, labels, message):
+    with pytest.raises(ValueError, match=message):
+        multilabel_metrics(probabilities, labels)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from otfuse.models import ModelConfig, build_model
 from otfuse.training import evaluate_model, predict_proba, train_model
 
 TINY = ModelConfig(vocab_size=1024, max_len=16, d_model=16, n_heads=2, n_layers=1, d_ff=32)
+TINY_MULTI = ModelConfig(vocab_size=1024, max_len=16, d_model=16, n_heads=2, n_layers=1, d_ff=32, n_classes=3)
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +32,24 @@ def separable_task(num_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray
     ids = rng.integers(0, half - 1, size=(num_examples, TINY.max_len)) + low
     lengths = rng.integers(4, TINY.max_len + 1, size=num_examples)
     ids[np.arange(TINY.max_len)[None, :] >= lengths[:, None]] = 0
+    return ids, labels
+
+
+def multi_label_task(num_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Make sequences with one or two of three classes. Each class owns a third of the
+    vocabulary, and a sequence draws its tokens from the thirds of its classes."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((num_examples, 3), dtype=np.float32)
+    first = rng.integers(0, 3, size=num_examples)
+    second = np.where(rng.uniform(size=num_examples) < 0.5, rng.integers(0, 3, size=num_examples), first)
+    labels[np.arange(num_examples), first] = 1
+    labels[np.arange(num_examples), second] = 1
+    third = (TINY_MULTI.vocab_size - 1) // 3
+    ids = np.zeros((num_examples, TINY_MULTI.max_len), dtype=np.int64)
+    for row in range(num_examples):
+        classes = np.flatnonzero(labels[row])
+        chosen = rng.choice(classes, size=TINY_MULTI.max_len)
+        ids[row] = 1 + chosen * third + rng.integers(0, third, size=TINY_MULTI.max_len)
     return ids, labels
 
 
@@ -161,6 +180,60 @@ def test_diverging_loss_raises():
         model.head.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="lower lr"):
         train_model(model, ids, labels)
+
+
+# Multi-label
+
+
+def test_tiny_model_learns_multi_label_task():
+    train_ids, train_labels = multi_label_task(1000, seed=0)
+    test_ids, test_labels = multi_label_task(300, seed=1)
+    model = build_model(TINY_MULTI, seed=0)
+    train_model(model, train_ids, train_labels, epochs=5, batch_size=32, seed=0)
+    result = evaluate_model(model, test_ids, test_labels)
+    assert result["f1_micro"] > 0.9
+    assert result["accuracy"] > 0.7
+
+
+def test_multi_label_evaluate_keys():
+    ids, labels = multi_label_task(40, seed=0)
+    result = evaluate_model(build_model(TINY_MULTI, seed=0), ids, labels)
+    assert set(result) == {"loss", "accuracy", "f1_micro", "f1_weighted", "ece", "num_examples"}
+
+
+def test_multi_label_untrained_loss_near_log_two():
+    # Near-zero logits give every class probability 1/2, so the binary cross-entropy is ln 2.
+    ids, labels = multi_label_task(100, seed=0)
+    assert evaluate_model(build_model(TINY_MULTI, seed=0), ids, labels)["loss"] == pytest.approx(np.log(2), abs=0.05)
+
+
+def test_multi_label_tuples_accepted():
+    ids, labels = multi_label_task(50, seed=0)
+    as_tuples = np.empty(len(labels), dtype=object)
+    as_tuples[:] = [tuple(int(v) for v in row) for row in labels]
+    model = build_model(TINY_MULTI, seed=0)
+    assert evaluate_model(model, ids, as_tuples) == evaluate_model(model, ids, labels)
+
+
+def test_multi_label_proba_independent():
+    ids, _ = multi_label_task(30, seed=0)
+    probabilities = predict_proba(build_model(TINY_MULTI, seed=0), ids, multi_label=True)
+    assert probabilities.shape == (30, 3)
+    assert np.abs(probabilities.sum(axis=1) - 1.5).max() < 0.2
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        pytest.param(np.ones((4, 2), dtype=np.float32), "2 columns but the model has 3", id="column-count"),
+        pytest.param(np.full((4, 3), 2.0, dtype=np.float32), r"lie in \[0, 1\]", id="value-above-one"),
+        pytest.param(np.ones((3, 3), dtype=np.float32), "must have 4 rows", id="row-count"),
+    ],
+)
+def test_invalid_multi_hot_rejected(labels, message):
+    ids = np.ones((4, TINY_MULTI.max_len), dtype=np.int64)
+    with pytest.raises(ValueError, match=message):
+        train_model(build_model(TINY_MULTI, seed=0), ids, labels)
 
 
 @pytest.mark.slow

@@ -6,17 +6,21 @@ import numbers
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from otfuse.metrics import classification_metrics
-from otfuse.training.inputs import as_input_ids, as_labels, check_label_range, model_device
+from otfuse.training.inputs import as_input_ids, as_targets, check_label_range, is_multi_label, model_device
+from otfuse.training.loop import classification_loss
 
 LOSS = "loss"
 NUM_EXAMPLES = "num_examples"
 
 
 def predict_proba(
-    model: torch.nn.Module, input_ids: np.ndarray | torch.Tensor, *, batch_size: int = 256
+    model: torch.nn.Module,
+    input_ids: np.ndarray | torch.Tensor,
+    *,
+    batch_size: int = 256,
+    multi_label: bool = False,
 ) -> np.ndarray:
     """Predict class probabilities.
 
@@ -28,14 +32,20 @@ def predict_proba(
         Token ids.
     batch_size : int
         Examples per forward pass.
+    multi_label : bool
+        Apply a sigmoid to each logit, giving the probability that each class is present,
+        instead of a softmax over the classes.
 
     Returns
     -------
     numpy.ndarray
-        float32 softmax probabilities of shape (N, C). The model is left in the train or
-        eval mode it had.
+        float32 probabilities of shape (N, C): softmax rows that sum to 1, or independent
+        sigmoid outputs with ``multi_label``. The model is left in the train or eval mode
+        it had.
     """
     logits = _predict_logits(model, as_input_ids(input_ids), batch_size)
+    if multi_label:
+        return torch.sigmoid(logits).numpy()
     return torch.softmax(logits, dim=-1).numpy()
 
 
@@ -54,23 +64,29 @@ def evaluate_model(
         Maps int64 ids of shape (B, T) to logits of shape (B, C).
     input_ids : array or tensor of shape (N, T)
         Token ids.
-    labels : array or tensor of shape (N,)
-        Class indices.
+    labels : array or tensor of shape (N,) or (N, C)
+        Class indices, or multi-hot targets with one column per class.
     batch_size : int
         Examples per forward pass.
 
     Returns
     -------
     dict of str to float
-        ``"loss"`` (mean cross-entropy), ``"accuracy"``, ``"f1_weighted"``, ``"ece"`` and
-        ``"num_examples"`` (an int). The model is left in the mode it had.
+        ``"loss"`` (mean cross-entropy, or for multi-hot labels mean binary cross-entropy
+        per class), the scores of :func:`otfuse.metrics.classification_metrics`
+        (``"accuracy"``, ``"f1_weighted"``, ``"ece"``, and ``"f1_micro"`` for multi-hot
+        labels, where accuracy is subset accuracy) and ``"num_examples"`` (an int). The
+        model is left in the mode it had.
     """
     ids = as_input_ids(input_ids)
-    targets = as_labels(labels, len(ids))
+    targets = as_targets(labels, len(ids))
     logits = _predict_logits(model, ids, batch_size)
     check_label_range(targets, logits.shape[-1])
-    loss = F.cross_entropy(logits.double(), targets).item()
-    probabilities = torch.softmax(logits.double(), dim=-1).numpy()
+    loss = classification_loss(logits.double(), targets).item()
+    if is_multi_label(targets):
+        probabilities = torch.sigmoid(logits.double()).numpy()
+    else:
+        probabilities = torch.softmax(logits.double(), dim=-1).numpy()
     return {
         LOSS: loss,
         **classification_metrics(probabilities, targets.numpy()),

@@ -38,8 +38,51 @@ def as_labels(labels: np.ndarray | torch.Tensor, num_examples: int) -> torch.Ten
     return targets.to(device="cpu", dtype=torch.long)
 
 
+def as_targets(labels: np.ndarray | torch.Tensor, num_examples: int) -> torch.Tensor:
+    """Return class indices or multi-hot targets as a CPU tensor, raising ValueError otherwise.
+
+    Labels of shape (N,) are class indices and come back as int64. Labels of shape (N, C)
+    are multi-hot targets, one column per class with values in [0, 1], and come back as
+    float32. An object array of equal-length tuples, as in a multi-label frame's ``label``
+    column, counts as shape (N, C).
+    """
+    if isinstance(labels, np.ndarray) and labels.dtype == object and labels.ndim == 1 and len(labels):
+        labels = np.array(labels.tolist())
+    targets = _to_tensor(labels)
+    if targets.ndim != 2:
+        return as_labels(targets, num_examples)
+    if targets.shape[0] != num_examples:
+        raise ValueError(
+            f"multi-hot labels must have {num_examples} rows to match input_ids, got shape {tuple(targets.shape)}"
+        )
+    if targets.dtype.is_complex:
+        raise ValueError(f"multi-hot labels must be real numbers in [0, 1], got dtype {targets.dtype}")
+    targets = targets.to(device="cpu", dtype=torch.float32)
+    if not bool(((targets >= 0) & (targets <= 1)).all()):
+        raise ValueError(
+            "multi-hot labels must lie in [0, 1] (1 = the class is present), got values "
+            f"from {float(targets.min())} to {float(targets.max())}"
+        )
+    return targets
+
+
+def is_multi_label(targets: torch.Tensor) -> bool:
+    """Return whether ``targets`` (from :func:`as_targets`) are multi-hot rather than class indices."""
+    return targets.ndim == 2
+
+
 def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
-    """Raise ValueError if a label is not a valid index into ``num_classes`` logits."""
+    """Raise ValueError if a label is not a valid index into ``num_classes`` logits.
+
+    For multi-hot labels, raise if their number of columns is not ``num_classes``.
+    """
+    if labels.ndim == 2:
+        if labels.shape[1] != num_classes:
+            raise ValueError(
+                f"multi-hot labels have {labels.shape[1]} columns but the model has {num_classes} "
+                "outputs; build the model with one output per class"
+            )
+        return
     largest = int(labels.max())
     if largest >= num_classes:
         raise ValueError(

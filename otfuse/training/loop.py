@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from otfuse.training.inputs import as_input_ids, as_labels, check_label_range, model_device
+from otfuse.training.inputs import as_input_ids, as_targets, check_label_range, is_multi_label, model_device
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,10 @@ def train_model(
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Train ``model`` in place with AdamW and cross-entropy loss.
+    """Train ``model`` in place with AdamW.
+
+    The loss is cross-entropy for class indices and binary cross-entropy on the logits
+    (one sigmoid output per class) for multi-hot labels.
 
     The batch order comes from a ``torch.Generator`` seeded with ``seed``, and dropout
     draws from the global generator seeded with ``seed`` inside ``torch.random.fork_rng``,
@@ -48,8 +51,9 @@ def train_model(
         Maps int64 ids of shape (B, T) to logits of shape (B, C); trained on its device.
     input_ids : array or tensor of shape (N, T)
         Token ids.
-    labels : array or tensor of shape (N,)
-        Class indices in ``[0, C)``.
+    labels : array or tensor of shape (N,) or (N, C)
+        Class indices in ``[0, C)``, or multi-hot targets in [0, 1], one column per class;
+        see :func:`otfuse.training.inputs.as_targets`.
     epochs : int
         Passes over the data.
     batch_size : int
@@ -68,6 +72,8 @@ def train_model(
     dict of str to float
         ``"train_loss"`` and ``"train_accuracy"``: mean loss and accuracy over the last
         epoch, measured on the batches as they were trained (dropout on, weights changing).
+        For multi-hot labels the accuracy is subset accuracy: the share of examples whose
+        every class is right, with a class predicted present when its logit is at least 0.
         ``"num_examples"``: N, as an int. ``"seconds"``: wall-clock training time.
 
     Raises
@@ -78,7 +84,7 @@ def train_model(
         If the loss becomes NaN or infinite.
     """
     ids = as_input_ids(input_ids)
-    targets = as_labels(labels, len(ids))
+    targets = as_targets(labels, len(ids))
     _check_settings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay)
 
     device = model_device(model)
@@ -133,13 +139,28 @@ def _train_epoch(
         batch_targets = targets[batch].to(device)
         logits = model(batch_ids)
         check_label_range(batch_targets, logits.shape[-1])
-        loss = F.cross_entropy(logits, batch_targets)
+        loss = classification_loss(logits, batch_targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total_loss += loss.item() * len(batch)
-        total_correct += int((logits.argmax(dim=-1) == batch_targets).sum())
+        total_correct += int(correct_predictions(logits, batch_targets).sum())
     return total_loss / len(ids), total_correct / len(ids)
+
+
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Return the mean cross-entropy for class indices, or the mean binary cross-entropy with
+    logits over every (example, class) pair for multi-hot targets."""
+    if is_multi_label(targets):
+        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+    return F.cross_entropy(logits, targets)
+
+
+def correct_predictions(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Return a bool per example: the top class is right, or, for multi-hot targets, every class is."""
+    if is_multi_label(targets):
+        return ((logits >= 0) == (targets >= 0.5)).all(dim=-1)
+    return logits.argmax(dim=-1) == targets
 
 
 def _check_settings(*, epochs: int, batch_size: int, lr: float, weight_decay: float) -> None:
