@@ -17,7 +17,7 @@ from otfuse.data_partitions import (
     resolve_data_dir,
 )
 
-COLUMNS = ["text", "label", "dataset"]
+COLUMNS = ["text", "label", "dataset", "language"]
 
 
 def rows(frame: pd.DataFrame) -> Counter:

@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 from otfuse.data_partitions.errors import DataError
-from otfuse.data_partitions.sources import DATASET_NAMES, EVAL_SPLIT, LABEL_COLUMN, load_split
+from otfuse.data_partitions.labels import SINGLE_LABEL
+from otfuse.data_partitions.sources import ALL_DATASETS, EVAL_SPLIT, LABEL_COLUMN, label_names, load_split
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def load_client_data(
     num_partitions : int
         Number of nodes.
     datasets : sequence of str
-        Names from :data:`~otfuse.data_partitions.DATASET_NAMES`, without repeats.
+        Names from :data:`~otfuse.data_partitions.ALL_DATASETS`, without repeats and with
+        the same classes.
     data_dir : str, os.PathLike or None
         Local data folder, see :func:`~otfuse.data_partitions.resolve_data_dir`.
     seed : int
@@ -95,8 +97,8 @@ def load_client_data(
         rows = load_split(name, TRAIN_SPLIT, data_dir)
     else:
         name = iid_dataset if iid_dataset is not None else names[0]
-        if name not in DATASET_NAMES:
-            raise DataError(f"unknown iid_dataset {name!r}; choose one of {list(DATASET_NAMES)}")
+        if name not in ALL_DATASETS:
+            raise DataError(f"unknown iid_dataset {name!r}; choose one of {list(ALL_DATASETS)}")
         corpus = load_split(name, TRAIN_SPLIT, data_dir)
         rows = _iid_shard(corpus, partition_id, num_partitions, seed)
 
@@ -123,13 +125,14 @@ def load_global_test(
     *,
     max_examples_per_dataset: int | None = None,
     seed: int = 0,
+    task: str = SINGLE_LABEL,
 ) -> dict[str, pd.DataFrame]:
     """Load the evaluation split of each data set, for scoring on the server.
 
     Parameters
     ----------
     datasets : sequence of str
-        Names from :data:`~otfuse.data_partitions.DATASET_NAMES`, without repeats.
+        Names from :data:`~otfuse.data_partitions.ALL_DATASETS`, without repeats.
     data_dir : str, os.PathLike or None
         Local data folder, see :func:`~otfuse.data_partitions.resolve_data_dir`.
     max_examples_per_dataset : int or None
@@ -137,6 +140,8 @@ def load_global_test(
         None keeps all rows.
     seed : int
         Seeds the subsample.
+    task : str
+        ``"single-label"`` or ``"multi-label"`` (XED only).
 
     Returns
     -------
@@ -149,7 +154,7 @@ def load_global_test(
         _validate_positive("max_examples_per_dataset", max_examples_per_dataset)
     tests = {}
     for name in names:
-        frame = load_split(name, EVAL_SPLIT[name], data_dir)
+        frame = load_split(name, EVAL_SPLIT[name], data_dir, task=task)
         if max_examples_per_dataset is not None and len(frame) > max_examples_per_dataset:
             frame = _shuffle(frame, seed).iloc[:max_examples_per_dataset].reset_index(drop=True)
         tests[name] = frame
@@ -163,12 +168,19 @@ def _validate_names(datasets: Sequence[str]) -> list[str]:
                         f"write [{datasets!r}]")
     names = list(datasets)
     if not names:
-        raise DataError(f"datasets is empty; name at least one of {list(DATASET_NAMES)}")
+        raise DataError(f"datasets is empty; name at least one of {list(ALL_DATASETS)}")
     for name in names:
-        if name not in DATASET_NAMES:
-            raise DataError(f"unknown data set {name!r}; choose from {list(DATASET_NAMES)}")
+        if name not in ALL_DATASETS:
+            raise DataError(f"unknown data set {name!r}; choose from {list(ALL_DATASETS)}")
         if names.count(name) > 1:
             raise DataError(f"data set {name!r} is listed twice in {names}; list each once")
+    # One model head serves every node, so label ids must mean the same class everywhere.
+    for name in names[1:]:
+        if label_names(name) != label_names(names[0]):
+            raise DataError(
+                f"data sets {names[0]!r} and {name!r} have different classes; list data sets "
+                "with the same classes only"
+            )
     return names
 
 

@@ -1,7 +1,9 @@
-"""Sentiment data sets as uniform frames, read from local Parquet files or the Hugging Face Hub.
+"""Data sets as uniform frames, read from local Parquet files or the Hugging Face Hub.
 
-Every loader returns the columns ``text`` (str), ``label`` (int64, 0 = negative,
-1 = positive) and ``dataset`` (the data set's name), whatever the source schema is.
+Every loader returns the columns ``text`` (str), ``label``, ``dataset`` (the data set's
+name) and ``language`` (an ISO 639-1 code), whatever the source schema is. For the binary
+sentiment data sets, ``label`` is int64 with 0 = negative and 1 = positive. For XED, see
+:mod:`otfuse.data_partitions.xed`.
 """
 
 from __future__ import annotations
@@ -14,23 +16,45 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from otfuse.data_partitions.errors import DataError
+from otfuse.data_partitions.labels import EMOTION_LABELS, SENTIMENT_LABELS, SINGLE_LABEL, check_task
+from otfuse.data_partitions.readers import DATA_DIR_ENV, read_hub_split, read_parquet_columns
+from otfuse.data_partitions.xed import XED_LANGUAGES, load_xed
 
 logger = logging.getLogger(__name__)
 
+#: The binary sentiment data sets, which a run uses unless it names others.
 DATASET_NAMES: tuple[str, ...] = ("sst2", "imdb", "sentiment140")
-DATA_DIR_ENV = "OTFUSE_DATA_DIR"
+#: XED emotion sentences, one data set per language.
+XED_DATASETS: tuple[str, ...] = tuple(XED_LANGUAGES)
+#: Every data set that :func:`load_split` can load.
+ALL_DATASETS: tuple[str, ...] = DATASET_NAMES + XED_DATASETS
 
 #: The split each data set is scored on. SST-2's test labels are hidden, so its
-#: validation split serves as the test set.
-EVAL_SPLIT: dict[str, str] = {"sst2": "validation", "imdb": "test", "sentiment140": "test"}
+#: validation split serves as the test set. XED has no test split, so its held-out
+#: part is made by :mod:`otfuse.data_partitions.xed`.
+EVAL_SPLIT: dict[str, str] = {
+    "sst2": "validation",
+    "imdb": "test",
+    "sentiment140": "test",
+    **{name: "test" for name in XED_DATASETS},
+}
+
+#: Language of each data set's text.
+DATASET_LANGUAGES: dict[str, str] = {
+    **{name: "en" for name in DATASET_NAMES},
+    **XED_LANGUAGES,
+}
 
 TEXT_COLUMN = "text"
 LABEL_COLUMN = "label"
 DATASET_COLUMN = "dataset"
-COLUMNS = (TEXT_COLUMN, LABEL_COLUMN, DATASET_COLUMN)
+LANGUAGE_COLUMN = "language"
+COLUMNS = (TEXT_COLUMN, LABEL_COLUMN, DATASET_COLUMN, LANGUAGE_COLUMN)
+
+# Folders of the local copy: both XED data sets read the one file in xed/.
+_FOLDERS = (*DATASET_NAMES, "xed")
 
 #: The label value the Hub uses for unlabelled rows (SST-2 test, IMDB unsupervised).
 UNLABELLED = -1
@@ -79,6 +103,14 @@ _SOURCES: dict[str, _Source] = {
 }
 
 
+def label_names(name: str) -> tuple[str, ...]:
+    """Return the class names of a data set, in label-id order."""
+    if name in XED_DATASETS:
+        return EMOTION_LABELS
+    _source(name)
+    return SENTIMENT_LABELS
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     """Choose the folder that contains the local data sets.
 
@@ -110,97 +142,75 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     if not path.is_dir():
         raise DataError(
             f"data folder {str(path)!r} (from the {origin}) does not exist or is not a folder; "
-            f"point it at the folder that contains {', '.join(DATASET_NAMES)}, or unset it to "
+            f"point it at the folder that contains {', '.join(_FOLDERS)}, or unset it to "
             "load the data sets from the Hugging Face Hub"
         )
     return path
 
 
-def load_split(name: str, split: str, data_dir: str | os.PathLike | None = None) -> pd.DataFrame:
-    """Load one split of a data set with binary sentiment labels.
+def load_split(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    task: str = SINGLE_LABEL,
+) -> pd.DataFrame:
+    """Load one split of a data set as a uniform frame.
 
     Parameters
     ----------
     name : str
-        One of :data:`DATASET_NAMES`.
+        One of :data:`ALL_DATASETS`.
     split : str
         A split of that data set, for example ``"train"``. :data:`EVAL_SPLIT` names the
         split to score on.
     data_dir : str, os.PathLike or None
-        Folder with ``<name>/<split>.parquet`` files, resolved by :func:`resolve_data_dir`.
-        When it resolves to None, the split is downloaded from the Hugging Face Hub.
+        Folder with ``<name>/<split>.parquet`` files (``xed/train.parquet`` for both XED
+        data sets), resolved by :func:`resolve_data_dir`. When it resolves to None, the
+        split is downloaded from the Hugging Face Hub.
+    task : str
+        ``"single-label"`` or, for XED only, ``"multi-label"``; see
+        :func:`otfuse.data_partitions.xed.load_xed`.
 
     Returns
     -------
     pandas.DataFrame
-        Columns ``text`` (str), ``label`` (int64, 0 = negative, 1 = positive) and
-        ``dataset`` (``name``), with a fresh 0-based index. Sentiment140's neutral rows
-        are dropped, and their count is logged at INFO.
+        Columns ``text`` (str), ``label``, ``dataset`` (``name``) and ``language``, with a
+        fresh 0-based index. Sentiment labels are int64, 0 = negative and 1 = positive;
+        Sentiment140's neutral rows are dropped, and their count is logged at INFO.
 
     Raises
     ------
     DataError
-        If the name or split is unknown, the file or a column is missing, the split is
-        unlabelled, or a label value has no sentiment mapping.
+        If the name, split or task is unknown, the file or a column is missing, the split
+        is unlabelled, or a label value has no mapping.
     """
+    check_task(task)
+    if name in XED_DATASETS:
+        return load_xed(name, split, task, resolve_data_dir(data_dir))
     source = _source(name)
+    if task != SINGLE_LABEL:
+        raise DataError(
+            f"data set {name!r} has one sentiment label per text, so it supports only task "
+            f"'single-label', got {task!r}; use an XED data set for 'multi-label'"
+        )
     if split not in source.splits:
         raise DataError(
             f"unknown split {split!r} of data set {name!r}; choose one of {list(source.splits)}"
         )
+    columns = (source.text_column, source.label_column)
     root = resolve_data_dir(data_dir)
     if root is None:
-        raw = _read_hub(name, source, split)
+        raw = read_hub_split(source.hub_path, source.hub_config, split, columns)
     else:
-        raw = _read_parquet(root / name / f"{split}.parquet", source)
+        raw = read_parquet_columns(root / name / f"{split}.parquet", columns)
     return _to_binary_frame(raw, name, split, source)
 
 
 def _source(name: str) -> _Source:
     if name not in _SOURCES:
-        raise DataError(f"unknown data set {name!r}; choose one of {list(DATASET_NAMES)}")
+        raise DataError(f"unknown data set {name!r}; choose one of {list(ALL_DATASETS)}")
     return _SOURCES[name]
-
-
-def _read_parquet(path: Path, source: _Source) -> pd.DataFrame:
-    if not path.is_file():
-        present = sorted(p.name for p in path.parent.glob("*.parquet")) if path.parent.is_dir() else []
-        raise DataError(
-            f"data file {str(path)!r} not found (files in that folder: {present or 'none'}); "
-            f"check the data folder and the split name, or unset {DATA_DIR_ENV} to use the Hub"
-        )
-    needed = [source.text_column, source.label_column]
-    schema_names = pq.read_schema(path).names
-    missing = [column for column in needed if column not in schema_names]
-    if missing:
-        raise DataError(
-            f"data file {str(path)!r} has no column {missing[0]!r} (columns: {schema_names}); "
-            "the file must follow the Hugging Face Hub schema of this data set"
-        )
-    logger.debug("reading %s", path)
-    return pd.read_parquet(path, columns=needed)
-
-
-def _read_hub(name: str, source: _Source, split: str) -> pd.DataFrame:
-    # Imported here because the library is large and only the Hub path needs it.
-    import datasets
-
-    logger.info("loading %s split %r from the Hugging Face Hub (%s)", name, split, source.hub_path)
-    try:
-        dataset = datasets.load_dataset(source.hub_path, source.hub_config, split=split)
-    except (OSError, ValueError) as error:
-        raise DataError(
-            f"could not load split {split!r} of {source.hub_path!r} from the Hugging Face Hub "
-            f"({error}); pass data_dir or set {DATA_DIR_ENV} to a folder of local Parquet files"
-        ) from error
-    frame = dataset.to_pandas()
-    missing = [c for c in (source.text_column, source.label_column) if c not in frame.columns]
-    if missing:
-        raise DataError(
-            f"Hub data set {source.hub_path!r} split {split!r} has no column {missing[0]!r} "
-            f"(columns: {list(frame.columns)}); its schema changed, so update the loader's mapping"
-        )
-    return frame
 
 
 def _to_binary_frame(raw: pd.DataFrame, name: str, split: str, source: _Source) -> pd.DataFrame:
@@ -240,6 +250,7 @@ def _to_binary_frame(raw: pd.DataFrame, name: str, split: str, source: _Source) 
             TEXT_COLUMN: text[keep].astype(str).to_numpy(),
             LABEL_COLUMN: labels[keep].map(source.label_map).astype(np.int64).to_numpy(),
             DATASET_COLUMN: name,
+            LANGUAGE_COLUMN: DATASET_LANGUAGES[name],
         }
     )
     logger.debug("%s split %r: %d rows", name, split, len(frame))
