@@ -266,7 +266,7 @@ def test_cap_draws_both_classes(data_dir):
 
 def test_empty_partition_rejected(tmp_path):
     write_parquet(tmp_path, "sst2", "train", pd.DataFrame({"sentence": ["a", "b", "c"], "label": [0, 1, 0]}))
-    with pytest.raises(DataError, match="partition 4 of 5 .* is empty; use fewer partitions"):
+    with pytest.raises(DataError, match=r"partition 3 of 5 .* is empty \(and 1 more\); use fewer partitions"):
         load_client_data("iid", 4, 5, datasets=["sst2"], data_dir=tmp_path)
 
 
@@ -275,7 +275,7 @@ def test_empty_partition_rejected(tmp_path):
     [
         pytest.param(("iid", 3, 3, ["sst2"]), "partition_id 3 is out of range", id="id-too-large"),
         pytest.param(("iid", -1, 3, ["sst2"]), "partition_id -1 is out of range", id="id-negative"),
-        pytest.param(("dirichlet", 0, 3, ["sst2"]), "unknown partitioning 'dirichlet'", id="unknown-partitioning"),
+        pytest.param(("shards", 0, 3, ["sst2"]), "unknown partitioning 'shards'", id="unknown-partitioning"),
         pytest.param(("per-dataset", 0, 3, ["sst2", "imdb"]), "num_partitions must be 2", id="count-mismatch"),
         pytest.param(("iid", 0, 0, ["sst2"]), "num_partitions must be a positive integer", id="zero-partitions"),
         pytest.param(("iid", 0, 2, "sst2"), r"write \['sst2'\]", id="string-not-list"),

@@ -104,3 +104,13 @@ def test_missing_text_rejected():
 def test_invalid_settings_rejected(settings):
     with pytest.raises(ValueError, match="must be an integer of at least"):
         HashTokenizer(**settings)
+
+
+def test_token_counts_ignore_max_len():
+    counts = HashTokenizer(max_len=3).token_counts([SENTENCE, "", "Kiitos!"])
+    assert counts.tolist() == [len(EXPECTED_WORDS), 0, 1]
+
+
+def test_token_counts_reject_single_string():
+    with pytest.raises(TypeError, match="wrap a single text in a list"):
+        HashTokenizer().token_counts(SENTENCE)

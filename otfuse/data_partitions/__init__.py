@@ -13,10 +13,12 @@ from otfuse.data_partitions.labels import (
     label_array,
 )
 from otfuse.data_partitions.partitioning import (
+    DEFAULT_ALPHA,
     PARTITIONINGS,
     ClientData,
     load_client_data,
     load_global_test,
+    load_partitions,
 )
 from otfuse.data_partitions.sources import (
     ALL_DATASETS,
@@ -29,6 +31,7 @@ from otfuse.data_partitions.sources import (
     load_split,
     resolve_data_dir,
 )
+from otfuse.data_partitions.summary import partition_summary, token_count_summary
 from otfuse.data_partitions.tokenizer import HashTokenizer
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "DATASET_LANGUAGES",
     "DATASET_NAMES",
     "DATA_DIR_ENV",
+    "DEFAULT_ALPHA",
     "EMOTION_LABELS",
     "EVAL_SPLIT",
     "MULTI_LABEL",
@@ -51,6 +55,9 @@ __all__ = [
     "label_names",
     "load_client_data",
     "load_global_test",
+    "load_partitions",
     "load_split",
+    "partition_summary",
     "resolve_data_dir",
+    "token_count_summary",
 ]

@@ -60,6 +60,12 @@ class HashTokenizer:
         """Return every lower-case word of ``text``, without truncating to ``max_len``."""
         return _WORD.findall(_HTML_BREAK.sub(" ", text).lower())
 
+    def token_counts(self, texts: Sequence[str]) -> np.ndarray:
+        """Count the words of each text before truncation to ``max_len``, as an int64 array of shape (N,)."""
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("HashTokenizer.token_counts expects a sequence of strings; wrap a single text in a list")
+        return np.array([len(self.words(text)) for text in texts], dtype=np.int64)
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Encode texts as token ids.
 
