@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "otfuse.cli.run_command",
     "otfuse.cli.fuse_command",
     "otfuse.cli.bench_command",
+    "otfuse.cli.data_command",
 )
 
 EXIT_INTERRUPTED = 130
