@@ -16,7 +16,7 @@ from otfuse.training import evaluate_model
 
 OVERALL = "overall"
 #: Scores reported per data set and overall, as named by :func:`otfuse.training.evaluate_model`.
-SCORES = ("loss", "accuracy", "f1_weighted", "num_examples")
+SCORES = ("loss", "accuracy", "f1_weighted", "ece", "num_examples")
 
 Scores = dict[str, dict[str, float]]
 
@@ -47,7 +47,7 @@ class GlobalEvaluator:
         log(INFO, "Global test set: %s examples", sizes)
 
     def evaluate(self, arrays: ArrayRecord) -> Scores:
-        """Return loss, accuracy, weighted F1 and example count per data set and ``overall``."""
+        """Return loss, accuracy, weighted F1, calibration error and example count per data set and ``overall``."""
         self.model.load_state_dict(arrays.to_torch_state_dict())
         scores: Scores = {}
         for name, (ids, labels) in self.inputs.items():
