@@ -15,7 +15,8 @@ from otfuse.cli import run_command
 from otfuse.cli.flower_env import OFFLINE_SWITCHES, RAY_BOOTSTRAP_CONFIG, offline_env
 from otfuse.cli.main import build_parser, main
 from otfuse.cli.report import accuracy_table
-from otfuse.cli.superlink import LocalSuperLink, free_port, process_table
+from otfuse.cli.processes import free_port, process_table
+from otfuse.cli.superlink import LocalSuperLink
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 

@@ -29,7 +29,8 @@ from rich.console import Console
 from otfuse.cli.errors import CommandError
 from otfuse.cli.flower_env import offline_env
 from otfuse.cli.report import accuracy_table
-from otfuse.cli.superlink import LocalSuperLink, find_executable, free_port
+from otfuse.cli.processes import find_executable, free_port
+from otfuse.cli.superlink import LocalSuperLink
 
 #: Name of the SuperLink connection in the per-run Flower config file.
 CONNECTION = "otfuse-local"
