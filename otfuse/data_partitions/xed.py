@@ -138,6 +138,8 @@ def _read_local(path: Path) -> pd.DataFrame:
 
 
 def _read_hub() -> pd.DataFrame:
+    # NOTE: tested only with a stubbed load_dataset. The Hub repository has a loading script,
+    # which datasets 4 no longer runs, so this path may fail until it carries Parquet files.
     parts = []
     for language in XED_LANGUAGES.values():
         for kind in ("annotated", "neutral"):
