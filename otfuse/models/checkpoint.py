@@ -12,10 +12,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
+from otfuse.models.bert import MODEL_TYPE as BERT_MODEL_TYPE
+from otfuse.models.bert import BertClassifierConfig
 from otfuse.models.config import ModelConfig
 
 CONFIG_KEY = "otfuse.model_config"
 MODEL_TYPE_KEY = "otfuse.model_type"
+TRANSFORMER_MODEL_TYPE = "transformer-classifier"
 
 
 class CheckpointError(ValueError):
@@ -25,13 +28,17 @@ class CheckpointError(ValueError):
 def save_checkpoint(
     path: str | os.PathLike,
     state_dict: Mapping[str, torch.Tensor],
-    config: ModelConfig,
+    config: ModelConfig | BertClassifierConfig,
     metadata: Mapping[str, str] | None = None,
+    model_type: str = TRANSFORMER_MODEL_TYPE,
 ) -> Path:
-    """Write ``state_dict`` and ``config`` atomically: to a temporary file, then rename."""
+    """Write ``state_dict`` and ``config`` atomically: to a temporary file, then rename.
+
+    ``model_type`` tells :func:`load_checkpoint` which config class to read back.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = {CONFIG_KEY: config.to_json(), MODEL_TYPE_KEY: "transformer-classifier"}
+    header = {CONFIG_KEY: config.to_json(), MODEL_TYPE_KEY: model_type}
     header.update(metadata or {})
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in state_dict.items()}
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -45,8 +52,14 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """Read a checkpoint written by :func:`save_checkpoint`; raise :class:`CheckpointError` if unusable."""
+def load_checkpoint(
+    path: str | os.PathLike,
+) -> tuple[dict[str, torch.Tensor], ModelConfig | BertClassifierConfig]:
+    """Read a checkpoint written by :func:`save_checkpoint`; raise :class:`CheckpointError` if unusable.
+
+    The config is a :class:`BertClassifierConfig` for a pretrained-encoder checkpoint, whose
+    encoder folder must exist on this machine, and a :class:`ModelConfig` otherwise.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
@@ -64,8 +77,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], M
             f"checkpoint {str(path)!r} has no {CONFIG_KEY!r} metadata; save it with "
             "otfuse.models.save_checkpoint so that the model config travels with the weights"
         )
+    config_class = BertClassifierConfig if metadata.get(MODEL_TYPE_KEY) == BERT_MODEL_TYPE else ModelConfig
     try:
-        config = ModelConfig.from_json(metadata[CONFIG_KEY])
+        config = config_class.from_json(metadata[CONFIG_KEY])
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"checkpoint {str(path)!r} has an invalid model config: {error}") from error
     return state_dict, config
