@@ -6,6 +6,7 @@ import logging
 import math
 import numbers
 import time
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -33,11 +34,16 @@ def train_model(
     weight_decay: float = 0.01,
     seed: int = 0,
     progress: bool = False,
+    proximal_mu: float = 0.0,
+    proximal_reference: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place with AdamW.
 
     The loss is cross-entropy for class indices and binary cross-entropy on the logits
-    (one sigmoid output per class) for multi-hot labels.
+    (one sigmoid output per class) for multi-hot labels. With ``proximal_mu > 0`` every
+    step adds FedProx's proximal term ``proximal_mu / 2 * ||w - w_ref||^2`` over the
+    trainable parameters, which pulls the weights toward the reference (the global model
+    of the round) and limits client drift.
 
     The batch order comes from a ``torch.Generator`` seeded with ``seed``, and dropout
     draws from the global generator seeded with ``seed`` inside ``torch.random.fork_rng``,
@@ -66,12 +72,20 @@ def train_model(
         Seeds the batch order and dropout.
     progress : bool
         Show a tqdm progress bar over the batches.
+    proximal_mu : float
+        Weight of the proximal term, >= 0; 0 (the default) trains without it.
+    proximal_reference : mapping of str to tensor, optional
+        The reference weights ``w_ref`` by parameter name, for example the received global
+        model. It must hold every trainable parameter with the same shape. None takes a
+        copy of the model's parameters at the start of training. Ignored when
+        ``proximal_mu`` is 0.
 
     Returns
     -------
     dict of str to float
         ``"train_loss"`` and ``"train_accuracy"``: mean loss and accuracy over the last
         epoch, measured on the batches as they were trained (dropout on, weights changing).
+        The loss leaves out the proximal term, so it compares across ``proximal_mu`` values.
         For multi-hot labels the accuracy is subset accuracy: the share of examples whose
         every class is right, with a class predicted present when its logit is at least 0.
         ``"num_examples"``: N, as an int. ``"seconds"``: wall-clock training time.
@@ -79,13 +93,15 @@ def train_model(
     Raises
     ------
     ValueError
-        On empty or mismatched inputs, a label out of range, or a non-positive setting.
+        On empty or mismatched inputs, a label out of range, a non-positive setting, or a
+        proximal reference that lacks a trainable parameter or has another shape.
     FloatingPointError
         If the loss becomes NaN or infinite.
     """
     ids = as_input_ids(input_ids)
     targets = as_targets(labels, len(ids))
     _check_settings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay)
+    proximal = _proximal_term(model, proximal_mu, proximal_reference)
 
     device = model_device(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -101,6 +117,7 @@ def train_model(
                 loss, accuracy = _train_epoch(
                     model, optimizer, ids, targets, batch_size, order_generator, device,
                     description=f"epoch {epoch}/{epochs}" if progress else None,
+                    proximal=proximal,
                 )
                 logger.debug("epoch %d/%d: loss %.4f, accuracy %.4f", epoch, epochs, loss, accuracy)
                 if not math.isfinite(loss):
@@ -127,8 +144,9 @@ def _train_epoch(
     order_generator: torch.Generator,
     device: torch.device,
     description: str | None,
+    proximal: ProximalTerm | None = None,
 ) -> tuple[float, float]:
-    """Run one shuffled pass and return its mean loss and accuracy."""
+    """Run one shuffled pass and return its mean loss and accuracy, without the proximal term."""
     order = torch.randperm(len(ids), generator=order_generator)
     starts = range(0, len(ids), batch_size)
     total_loss = 0.0
@@ -140,12 +158,55 @@ def _train_epoch(
         logits = model(batch_ids)
         check_label_range(batch_targets, logits.shape[-1])
         loss = classification_loss(logits, batch_targets)
+        objective = loss if proximal is None else loss + proximal()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         optimizer.step()
         total_loss += loss.item() * len(batch)
         total_correct += int(correct_predictions(logits, batch_targets).sum())
     return total_loss / len(ids), total_correct / len(ids)
+
+
+class ProximalTerm:
+    """FedProx's proximal term ``mu / 2 * sum ||w - w_ref||^2`` over the trainable parameters."""
+
+    def __init__(self, mu: float, pairs: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+        self.mu = mu
+        self.pairs = pairs
+
+    def __call__(self) -> torch.Tensor:
+        squared = sum((parameter - reference).pow(2).sum() for parameter, reference in self.pairs)
+        return 0.5 * self.mu * squared
+
+
+def _proximal_term(
+    model: torch.nn.Module, mu: float, reference: Mapping[str, torch.Tensor] | None
+) -> ProximalTerm | None:
+    if isinstance(mu, bool) or not (isinstance(mu, numbers.Real) and math.isfinite(mu) and mu >= 0):
+        raise ValueError(f"proximal_mu must be a non-negative finite number, got {mu!r}")
+    if mu == 0:
+        return None
+    pairs = []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if reference is None:
+            target = parameter.detach().clone()
+        elif name not in reference:
+            raise ValueError(
+                f"proximal_reference has no tensor {name!r}; pass the global model's weights "
+                "for every trainable parameter"
+            )
+        else:
+            target = torch.as_tensor(reference[name]).detach()
+            if target.shape != parameter.shape:
+                raise ValueError(
+                    f"proximal_reference tensor {name!r} has shape {tuple(target.shape)}, but the "
+                    f"model's parameter has shape {tuple(parameter.shape)}"
+                )
+            target = target.to(device=parameter.device, dtype=parameter.dtype)
+        pairs.append((parameter, target))
+    return ProximalTerm(float(mu), pairs)
 
 
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
