@@ -30,6 +30,7 @@ from otfuse.cli.errors import CommandError
 from otfuse.cli.flower_env import offline_env
 from otfuse.cli.report import accuracy_table
 from otfuse.cli.processes import find_executable, free_port
+from otfuse.cli.ray_cluster import RAY_ADDRESS_ENV, check_ray_head, resolve_ray_address
 from otfuse.cli.superlink import LocalSuperLink
 
 #: Name of the SuperLink connection in the per-run Flower config file.
@@ -86,6 +87,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--client-cpus", type=int, default=1, help="CPU cores Ray reserves per client (default: 1)"
     )
     parser.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help=(
+            "attach the simulation to the running Ray cluster whose head listens at HOST:PORT "
+            f"(default: the {RAY_ADDRESS_ENV} environment variable; without either, the "
+            "simulation starts a Ray instance of its own)"
+        ),
+    )
+    parser.add_argument(
         "--app", help="folder of the Flower app, with pyproject.toml (default: the otfuse checkout)"
     )
     parser.add_argument(
@@ -108,6 +118,8 @@ class RunPlan:
     data_dir: Path
     output_dir: Path
     quiet: bool
+    #: Head address of an existing Ray cluster, or None for a Ray instance per run.
+    ray_address: str | None = None
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -169,6 +181,10 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     if args.client_cpus < 1:
         raise CommandError(f"--client-cpus must be at least 1, got {args.client_cpus}")
     preflight_data(config, num_clients)
+    # Callers that build the namespace themselves (otfuse bench) may leave the option out.
+    ray_address = resolve_ray_address(getattr(args, "ray_address", None), os.environ)
+    if ray_address is not None:
+        check_ray_head(ray_address)
 
     strategy = config.get(runconfig.STRATEGY)
     output_dir = _output_dir(args.output_dir or config.get(runconfig.OUTPUT_DIR), strategy)
@@ -183,6 +199,7 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
         data_dir=data_dir,
         output_dir=output_dir,
         quiet=args.quiet,
+        ray_address=ray_address,
     )
 
 
@@ -299,6 +316,11 @@ def execute(plan: RunPlan, console: Console) -> list[dict[str, Any]]:
     superlink_port, control_port = free_port(), free_port()
     env = offline_env(state_dir, superlink_port=superlink_port, control_port=control_port)
     env[DATA_DIR_ENV] = str(plan.data_dir)
+    # The simulation inherits the SuperLink's environment, and its ray.init() connects to
+    # RAY_ADDRESS when that is set; see otfuse.cli.ray_cluster.
+    env.pop(RAY_ADDRESS_ENV, None)
+    if plan.ray_address is not None:
+        env[RAY_ADDRESS_ENV] = plan.ray_address
     # A Flower home per run keeps parallel runs from sharing a config file or app folder.
     flwr_home = Path(tempfile.mkdtemp(prefix="flwr-home-", dir=state_dir))
     env["FLWR_HOME"] = str(flwr_home)
@@ -313,6 +335,8 @@ def execute(plan: RunPlan, console: Console) -> list[dict[str, Any]]:
         _write_connection(flwr_home, superlink.address)
         run_config_file = _write_run_config(flwr_home, plan.values)
         console.print(f"Starting a local SuperLink on {superlink.address}")
+        if plan.ray_address is not None:
+            console.print(f"The simulation attaches to the Ray cluster at {plan.ray_address}")
         with superlink:
             run_id = _stream_run(plan, env, run_config_file, console)
             status, details = _run_status(env, run_id)
