@@ -17,6 +17,8 @@ NUM_PARTITIONS = "num-partitions"
 TRAIN_LOSS = "train_loss"
 TRAIN_ACCURACY = "train_accuracy"
 TRAIN_SECONDS = "train_seconds"
+#: Mean transport cost of a client-aligned model to the global model (strategy otfusion-client).
+ALIGNMENT_COST = "alignment_cost"
 
 EVAL_LOSS = "eval_loss"
 EVAL_ACCURACY = "eval_accuracy"

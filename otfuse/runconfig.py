@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from otfuse.data_partitions import DATASET_NAMES, PARTITIONINGS
-from otfuse.fusion import ALIGNMENTS, MASSES, FusionOptions
+from otfuse.client.attack import ATTACK_KINDS
+from otfuse.fusion import ALIGNMENTS, COSTS, MASSES, FusionOptions
+from otfuse.fusion.robust import DEFAULT_THRESHOLD, ROBUST_MODES
 from otfuse.fusion.options import PLAN_FAILURE_POLICIES
 from otfuse.models import ModelConfig
 from otfuse.models.config import POOLING_CHOICES
@@ -80,8 +82,9 @@ SETTINGS: dict[str, Setting[Any]] = {}
 STRATEGY = _setting(
     "strategy", str, "otfusion",
     "Server strategy: 'otfusion' fuses client models with optimal-transport alignment, "
-    "'fedavg' is Flower's FedAvg baseline.",
-    choices=("otfusion", "fedavg"),
+    "'fedavg' is Flower's FedAvg baseline, 'otfusion-client' has every client align its "
+    "model to the global model before replying and the server average them as FedAvg does.",
+    choices=("otfusion", "fedavg", "otfusion-client"),
 )
 NUM_SERVER_ROUNDS = _setting("num-server-rounds", int, 3, "Federated rounds.", minimum=1)
 SEED = _setting(
@@ -244,6 +247,45 @@ FUSION_ON_PLAN_FAILURE = _setting(
     "A transport plan that fails its checks: 'raise' keeps the previous global model for the "
     "round, 'average' falls back to plain averaging for that group and logs a warning.",
     choices=PLAN_FAILURE_POLICIES,
+)
+FUSION_ROBUST = _setting(
+    "fusion.robust", str, "none",
+    "Strategy 'otfusion' only: 'drop' leaves out, 'downweight' down-weights every client whose "
+    "transport cost to the global model is an outlier (modified z-score from the round's "
+    "median and MAD above fusion.robust-threshold); needs fusion.anchor='global' and 3 clients.",
+    choices=ROBUST_MODES,
+)
+FUSION_ROBUST_THRESHOLD = _setting(
+    "fusion.robust-threshold", float, DEFAULT_THRESHOLD,
+    "Modified z-score of the transport cost above which fusion.robust flags a client.",
+    minimum=0.0, exclusive_minimum=True,
+)
+
+# Client-side alignment (strategy 'otfusion-client' only)
+CLIENT_ALIGNMENT_COST = _setting(
+    "client-alignment.cost", str, "activation",
+    "Ground cost of the alignment on the client: 'activation' uses activations on the "
+    "client's own training texts (scratch transformer only), 'weight' the incoming weights.",
+    choices=COSTS,
+)
+CLIENT_ALIGNMENT_PROBE = _setting(
+    "client-alignment.probe-examples", int, 256,
+    "Training texts of the client whose activations describe its units for cost 'activation'.",
+    minimum=1,
+)
+
+# Benchmarks and tests only: one poisoned client, to measure robust strategies.
+ATTACK_KIND = _setting(
+    "attack.kind", str, "none",
+    "BENCHMARK ONLY. 'scale' multiplies the sent tensors by attack.scale, 'sign-flip' by -1, "
+    "'label-flip' trains on flipped labels; the client is attack.partition.",
+    choices=ATTACK_KINDS,
+)
+ATTACK_PARTITION = _setting(
+    "attack.partition", int, 0, "BENCHMARK ONLY. Partition id of the poisoned client.", minimum=0,
+)
+ATTACK_SCALE = _setting(
+    "attack.scale", float, 10.0, "BENCHMARK ONLY. Factor of attack.kind='scale'.",
 )
 
 

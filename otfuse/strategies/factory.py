@@ -14,6 +14,8 @@ from otfuse.runconfig import (
     FRACTION_EVALUATE,
     FRACTION_TRAIN,
     FUSION_ANCHOR,
+    FUSION_ROBUST,
+    FUSION_ROBUST_THRESHOLD,
     LOCAL_TEST_FRACTION,
     MIN_AVAILABLE_NODES,
     MIN_EVALUATE_NODES,
@@ -23,11 +25,13 @@ from otfuse.runconfig import (
     RunConfigError,
     load_run_config,
 )
+from otfuse.strategies.client_aligned import ClientAlignedFedAvg
 from otfuse.strategies.otfusion import OTFusion
+from otfuse.strategies.robust import RobustOTFusion
 
 MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 
-STRATEGY_NAMES: tuple[str, ...] = ("otfusion", "fedavg")
+STRATEGY_NAMES: tuple[str, ...] = ("otfusion", "fedavg", "otfusion-client")
 
 
 def build_strategy(
@@ -64,6 +68,21 @@ def build_strategy(
         "train_metrics_aggr_fn": train_metrics_aggr_fn,
         "evaluate_metrics_aggr_fn": evaluate_metrics_aggr_fn,
     }
+    if name == "otfusion" and config.get(FUSION_ROBUST) != "none":
+        if config.get(FUSION_ANCHOR) != "global":
+            raise RunConfigError(
+                "fusion.robust scores each client by its transport cost to the global model, so "
+                "it needs fusion.anchor='global'; set fusion.anchor=global or fusion.robust=none"
+            )
+        return RobustOTFusion(
+            run_model(config).alignment_spec(),
+            config.fusion_options(),
+            mode=config.get(FUSION_ROBUST),
+            threshold=config.get(FUSION_ROBUST_THRESHOLD),
+            **common,
+        )
+    if name == "otfusion-client":
+        return ClientAlignedFedAvg(**common)
     if name == "otfusion":
         return OTFusion(
             config.model_config(),
