@@ -42,7 +42,8 @@ FLOWER_LOG_FILE = "flower.log"
 SUPERLINK_LOG_FILE = "superlink.log"
 STATE_DIR_NAME = ".otfuse"
 
-_RUN_ID_PATTERN = re.compile(r"Successfully started run (\d+)")
+#: The line of ``flwr run`` output that carries the new run's id.
+RUN_ID_PATTERN = re.compile(r"Successfully started run (\d+)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -339,7 +340,7 @@ def execute(plan: RunPlan, console: Console) -> list[dict[str, Any]]:
             console.print(f"The simulation attaches to the Ray cluster at {plan.ray_address}")
         with superlink:
             run_id = _stream_run(plan, env, run_config_file, console)
-            status, details = _run_status(env, run_id)
+            status, details = run_status(env, run_id)
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
 
@@ -395,7 +396,7 @@ def _stream_run(plan: RunPlan, env: dict[str, str], run_config_file: Path, conso
                 if not plan.quiet:
                     sys.stdout.write(line)
                     sys.stdout.flush()
-                match = _RUN_ID_PATTERN.search(line)
+                match = RUN_ID_PATTERN.search(line)
                 if match and run_id is None:
                     run_id = int(match.group(1))
             return_code = process.wait()
@@ -410,8 +411,9 @@ def _stream_run(plan: RunPlan, env: dict[str, str], run_config_file: Path, conso
     return run_id
 
 
-def _run_status(env: dict[str, str], run_id: int) -> tuple[str, str]:
-    command = [find_executable("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"]
+def run_status(env: dict[str, str], run_id: int, connection: str = CONNECTION) -> tuple[str, str]:
+    """Return the status of a run (``finished:completed`` on success) and its details, from ``flwr ls``."""
+    command = [find_executable("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     try:
         runs = json.loads(completed.stdout)["runs"]
