@@ -114,6 +114,33 @@ ROUND_TIMEOUT = _setting(
     "Seconds the server waits for replies in each round; late replies are left out.",
     minimum=0.0, exclusive_minimum=True,
 )
+MIN_TRAIN_REPLIES = _setting(
+    "min-train-replies", int, 1,
+    "Usable training replies a round needs; with fewer (crashed, late or rejected clients) "
+    "the round is skipped and the global model stays.",
+    minimum=1,
+)
+MAX_NUM_EXAMPLES = _setting(
+    "max-num-examples", int, 10_000_000,
+    "A training reply that claims more examples than this is rejected, because its weight "
+    "would dominate the fused model.",
+    minimum=1,
+)
+MAX_UPDATE_NORM_RATIO = _setting(
+    "max-update-norm-ratio", float, 10.0,
+    "A training reply whose distance to the global model is more than this many times the "
+    "median distance of the round's other replies is rejected; applies from 3 replies on.",
+    minimum=1.0, exclusive_minimum=True,
+)
+CHECKPOINT_KEEP = _setting(
+    "checkpoint-keep", int, 3,
+    "Round checkpoints kept in <output-dir>/checkpoints; older ones are deleted.", minimum=1,
+)
+RESUME_FROM = _setting(
+    "resume-from", str, "",
+    "Output folder, checkpoints folder or checkpoint file of an interrupted run; the run "
+    "continues after its last complete round. Empty: start from round 0.",
+)
 OUTPUT_DIR = _setting(
     "output-dir", str, "",
     "Folder for model.safetensors and metrics.jsonl. Empty: outputs/<timestamp>-<strategy> "
@@ -242,8 +269,9 @@ FUSION_BARYCENTER_ITERS = _setting(
     "fusion.barycenter-iters", int, _DEFAULT_FUSION.barycenter_iters,
     "Extra rounds of aligning every model to the fused model and averaging again.", minimum=0,
 )
+# The engine raises by default; a federated run keeps going with plain averaging instead.
 FUSION_ON_PLAN_FAILURE = _setting(
-    "fusion.on-plan-failure", str, _DEFAULT_FUSION.on_plan_failure,
+    "fusion.on-plan-failure", str, "average",
     "A transport plan that fails its checks: 'raise' keeps the previous global model for the "
     "round, 'average' falls back to plain averaging for that group and logs a warning.",
     choices=PLAN_FAILURE_POLICIES,
@@ -426,9 +454,51 @@ def _check_model(config: RunConfig) -> None:
         raise RunConfigError(f"invalid run-config key 'encoder' = {encoder!r}: {error}") from error
 
 
+#: Settings that may change when a run resumes, because none of them changes what a
+#: completed round computes: the round count, waiting, where files live, and checkpoints.
+RESUMABLE_KEYS: frozenset[str] = frozenset(
+    {
+        NUM_SERVER_ROUNDS.key,
+        ROUND_TIMEOUT.key,
+        MIN_AVAILABLE_NODES.key,
+        OUTPUT_DIR.key,
+        DATA_DIR.key,
+        CHECKPOINT_KEEP.key,
+        RESUME_FROM.key,
+    }
+)
+
+
+def check_resume_compatible(saved: Mapping[str, Any], config: RunConfig) -> None:
+    """Raise :class:`RunConfigError` if ``config`` changes a setting of the saved run.
+
+    Only the keys in :data:`RESUMABLE_KEYS` may differ; any other change would make the
+    resumed rounds differ from those of an uninterrupted run.
+    """
+    saved_config = load_run_config(saved)
+    for key, value in config.values.items():
+        if key in RESUMABLE_KEYS:
+            continue
+        if saved_config.values[key] != value:
+            raise RunConfigError(
+                f"run-config key {key!r} is {value!r} but the checkpoint was written with "
+                f"{saved_config.values[key]!r}; a resumed run may change only "
+                f"{', '.join(sorted(RESUMABLE_KEYS))}"
+            )
+
+
 def defaults() -> dict[str, Any]:
     """Return every key with its default value."""
     return {key: setting.default for key, setting in SETTINGS.items()}
 
 
-__all__ = ["SETTINGS", "RunConfig", "RunConfigError", "Setting", "defaults", "load_run_config"]
+__all__ = [
+    "RESUMABLE_KEYS",
+    "SETTINGS",
+    "RunConfig",
+    "RunConfigError",
+    "Setting",
+    "check_resume_compatible",
+    "defaults",
+    "load_run_config",
+]

@@ -14,6 +14,7 @@ from otfuse.runconfig import (
     SETTINGS,
     STRATEGY,
     RunConfigError,
+    check_resume_compatible,
     defaults,
     load_run_config,
 )
@@ -49,7 +50,8 @@ def test_empty_config_gives_defaults():
 
     assert config.to_flower() == defaults()
     assert config.model_config() == ModelConfig(n_classes=2)
-    assert config.fusion_options() == FusionOptions()
+    # A federated run falls back to plain averaging where the engine alone would raise.
+    assert config.fusion_options() == FusionOptions(on_plan_failure="average")
     assert config.datasets == ("sst2", "imdb", "sentiment140")
 
 
@@ -110,6 +112,13 @@ INVALID = [
     pytest.param({"model.n-heads": 3}, ["model", "not divisible"], id="heads-do-not-divide"),
     pytest.param({"bach-size": 32}, ["'bach-size'", "did you mean 'batch-size'"], id="misspelled-key"),
     pytest.param({"colour": "red"}, ["'colour'", "known keys"], id="unknown-key"),
+    pytest.param({"round-timeout": 0}, ["'round-timeout'", "0.0", "> 0"], id="zero-timeout"),
+    pytest.param({"round-timeout": float("inf")}, ["'round-timeout'", "inf"], id="infinite-timeout"),
+    pytest.param({"min-train-replies": 0}, ["'min-train-replies'", ">= 1"], id="zero-min-replies"),
+    pytest.param({"max-num-examples": 0}, ["'max-num-examples'", ">= 1"], id="zero-max-examples"),
+    pytest.param({"max-update-norm-ratio": 1.0}, ["'max-update-norm-ratio'", "> 1"], id="norm-ratio-one"),
+    pytest.param({"checkpoint-keep": 0}, ["'checkpoint-keep'", ">= 1"], id="keep-no-checkpoint"),
+    pytest.param({"resume-from": 3}, ["'resume-from'", "a string"], id="number-for-path"),
 ]
 
 
@@ -122,3 +131,22 @@ def test_invalid_setting_names_key_and_value(settings, words):
     for word in words:
         assert word in message
     assert "\n" not in message
+
+
+def test_resume_allows_more_rounds():
+    saved = load_run_config({"num-server-rounds": 2}).to_flower()
+
+    check_resume_compatible(saved, load_run_config({"num-server-rounds": 4, "resume-from": "/runs/a"}))
+
+
+def test_resume_rejects_changed_training_setting():
+    saved = load_run_config({"learning-rate": 0.002}).to_flower()
+
+    with pytest.raises(RunConfigError) as raised:
+        check_resume_compatible(saved, load_run_config({"learning-rate": 0.01}))
+
+    message = str(raised.value)
+    assert "'learning-rate' is 0.01" in message
+    assert "written with 0.002" in message
+    assert "num-server-rounds" in message
+

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
@@ -16,7 +16,7 @@ import otfuse.strategies.otfusion as otfusion_module
 from flower_helpers import FixedNodesGrid, initial_arrays, run_clients, set_task_identity, tiny_run_config
 from otfuse.fusion import FusionError
 from otfuse.runconfig import RunConfigError
-from otfuse.strategies import ClientMetricsLog, OTFusion, build_strategy
+from otfuse.strategies import ClientMetricsLog, OTFusion, ValidatedFedAvg, build_strategy
 
 NODE_IDS = (101, 102, 103)
 ATOL = 1e-5
@@ -99,96 +99,16 @@ def test_fused_arrays_match_global_model(run_config, global_arrays, replies):
     assert report.seconds > 0
 
 
-def test_error_reply_is_left_out(run_config, global_arrays, replies, caplog):
-    strategy = configured(run_config, global_arrays)
-    instruction = Message(RecordDict(), dst_node_id=104, message_type="train")
-    failure = Message(Error(code=0, reason="client crashed"), reply_to=instruction)
-
-    with caplog.at_level(logging.INFO, logger="flwr"):
-        arrays, _ = strategy.aggregate_train(1, [*replies, failure])
-
-    assert arrays is not None
-    assert strategy.history[1].num_models == 3
-    assert "Received 3 results and 1 failures" in caplog.text
-
-
-def _drop_tensor(reply):
-    values = state(reply.content["arrays"])
-    values.pop("head.bias")
-    return replace_arrays(reply, ArrayRecord(values))
-
-
-def _wrong_shape(reply):
-    values = state(reply.content["arrays"])
-    values["head.weight"] = torch.zeros(3, values["head.weight"].shape[1])
-    return replace_arrays(reply, ArrayRecord(values))
+def _metrics(reply, **changes):
+    values = dict(reply.content["metrics"])
+    values.update(changes)
+    return MetricRecord(values)
 
 
 def _nan_tensor(reply):
     values = state(reply.content["arrays"])
     values["head.weight"] = torch.full_like(values["head.weight"], float("nan"))
     return replace_arrays(reply, ArrayRecord(values))
-
-
-def _integer_tensor(reply):
-    values = state(reply.content["arrays"])
-    values["head.bias"] = torch.zeros_like(values["head.bias"], dtype=torch.int64)
-    return replace_arrays(reply, ArrayRecord(values))
-
-
-def _metrics(reply, **changes):
-    values = dict(reply.content["metrics"])
-    values.update(changes)
-    return MetricRecord({key: value for key, value in values.items() if value is not None})
-
-
-def _zero_examples(reply):
-    return replace_arrays(reply, reply.content["arrays"], _metrics(reply, **{"num-examples": 0}))
-
-
-def _missing_examples(reply):
-    return replace_arrays(reply, reply.content["arrays"], _metrics(reply, **{"num-examples": None}))
-
-
-def _extra_metric(reply):
-    return replace_arrays(reply, reply.content["arrays"], _metrics(reply, extra_metric=1.0))
-
-
-def _two_array_records(reply):
-    content = RecordDict(
-        {"arrays": reply.content["arrays"], "more": reply.content["arrays"], "metrics": reply.content["metrics"]}
-    )
-    return _reply_from(reply, content)
-
-
-MALFORMED = [
-    pytest.param(_drop_tensor, id="missing-tensor"),
-    pytest.param(_wrong_shape, id="wrong-shape"),
-    pytest.param(_nan_tensor, id="nan-values"),
-    pytest.param(_integer_tensor, id="integer-dtype"),
-    pytest.param(_zero_examples, id="zero-examples"),
-    pytest.param(_missing_examples, id="missing-num-examples"),
-    pytest.param(_extra_metric, id="extra-metric-key"),
-    pytest.param(_two_array_records, id="two-array-records"),
-]
-
-
-@pytest.mark.parametrize("corrupt", MALFORMED)
-def test_malformed_reply_is_dropped(run_config, global_arrays, replies, corrupt, caplog):
-    bad = corrupt(replies[2])
-    strategy = configured(run_config, global_arrays)
-    reference = configured(run_config, global_arrays)
-
-    with caplog.at_level(logging.WARNING, logger="flwr"):
-        arrays, metrics = strategy.aggregate_train(1, [replies[0], replies[1], bad])
-    expected, _ = reference.aggregate_train(1, replies[:2])
-
-    assert arrays is not None
-    assert metrics is not None
-    assert strategy.history[1].dropped_nodes == [NODE_IDS[2]]
-    assert strategy.history[1].num_models == 2
-    assert f"dropped the reply of node {NODE_IDS[2]}" in caplog.text
-    assert_same_state(arrays, expected, atol=0.0)
 
 
 def test_all_replies_malformed_keeps_model(run_config, global_arrays, replies):
@@ -199,6 +119,7 @@ def test_all_replies_malformed_keeps_model(run_config, global_arrays, replies):
     assert arrays is None
     assert metrics is None
     assert sorted(strategy.history[1].dropped_nodes) == list(NODE_IDS)
+    assert "0 usable replies" in strategy.history[1].skipped
 
 
 def test_fusion_error_keeps_model(run_config, global_arrays, replies, monkeypatch, caplog):
@@ -220,7 +141,7 @@ def test_fusion_error_keeps_model(run_config, global_arrays, replies, monkeypatc
 @pytest.mark.parametrize("anchor", ["global", "client"])
 def test_no_alignment_equals_fedavg(run_config, global_arrays, replies, anchor):
     strategy = configured(run_config, global_arrays, **{"fusion.alignment": "none", "fusion.anchor": anchor})
-    fedavg = build_strategy({**run_config, "strategy": "fedavg"})
+    fedavg = configured(run_config, global_arrays, strategy="fedavg")
 
     arrays, metrics = strategy.aggregate_train(1, replies)
     expected_arrays, expected_metrics = fedavg.aggregate_train(1, replies)
@@ -266,6 +187,7 @@ def test_configure_train_matches_fedavg(run_config, global_arrays):
         assert message.content["config"]["server-round"] == 2
         assert message.content["arrays"] is global_arrays
     assert strategy._global_arrays is global_arrays
+    assert strategy._sampled_nodes == [m.metadata.dst_node_id for m in ours]
 
 
 def test_fedavg_helper_signature_pinned():
@@ -277,7 +199,8 @@ def test_fedavg_helper_signature_pinned():
 def test_fedavg_is_flower_fedavg(run_config):
     strategy = build_strategy({**run_config, "strategy": "fedavg", "min-train-nodes": 3, "fraction-train": 0.5})
 
-    assert type(strategy) is FedAvg
+    assert type(strategy) is ValidatedFedAvg
+    assert isinstance(strategy, FedAvg)
     assert strategy.min_train_nodes == 3
     assert strategy.fraction_train == 0.5
     assert strategy.weighted_by_key == "num-examples"

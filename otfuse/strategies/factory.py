@@ -8,7 +8,7 @@ from typing import Any
 
 from flwr.app import MetricRecord, RecordDict
 from flwr.common import log
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from otfuse.runconfig import (
     FRACTION_EVALUATE,
@@ -17,9 +17,12 @@ from otfuse.runconfig import (
     FUSION_ROBUST,
     FUSION_ROBUST_THRESHOLD,
     LOCAL_TEST_FRACTION,
+    MAX_NUM_EXAMPLES,
+    MAX_UPDATE_NORM_RATIO,
     MIN_AVAILABLE_NODES,
     MIN_EVALUATE_NODES,
     MIN_TRAIN_NODES,
+    MIN_TRAIN_REPLIES,
     STRATEGY,
     RunConfig,
     RunConfigError,
@@ -27,7 +30,9 @@ from otfuse.runconfig import (
 )
 from otfuse.strategies.client_aligned import ClientAlignedFedAvg
 from otfuse.strategies.otfusion import OTFusion
+from otfuse.strategies.replies import ReplyLimits
 from otfuse.strategies.robust import RobustOTFusion
+from otfuse.strategies.validated import ValidatedFedAvg
 
 MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 
@@ -40,9 +45,11 @@ def build_strategy(
     train_metrics_aggr_fn: MetricsAggregation | None = None,
     evaluate_metrics_aggr_fn: MetricsAggregation | None = None,
 ) -> Strategy:
-    """Return :class:`OTFusion` for ``strategy="otfusion"`` and Flower's FedAvg for ``"fedavg"``.
+    """Return :class:`OTFusion` for ``strategy="otfusion"`` and FedAvg for ``"fedavg"``.
 
-    Both get the same sampling settings, so the two strategies run on identical clients.
+    The FedAvg baseline is :class:`ValidatedFedAvg`, Flower's FedAvg behind the same reply
+    checks as OTFusion. Both get the same sampling settings and checks, so the two
+    strategies run on identical clients and fuse the same replies.
 
     Raises
     ------
@@ -67,6 +74,11 @@ def build_strategy(
         "min_available_nodes": config.get(MIN_AVAILABLE_NODES),
         "train_metrics_aggr_fn": train_metrics_aggr_fn,
         "evaluate_metrics_aggr_fn": evaluate_metrics_aggr_fn,
+        "reply_limits": ReplyLimits(
+            max_num_examples=config.get(MAX_NUM_EXAMPLES),
+            max_norm_ratio=config.get(MAX_UPDATE_NORM_RATIO),
+        ),
+        "min_train_replies": config.get(MIN_TRAIN_REPLIES),
     }
     if name == "otfusion" and config.get(FUSION_ROBUST) != "none":
         if config.get(FUSION_ANCHOR) != "global":
@@ -91,5 +103,5 @@ def build_strategy(
             **common,
         )
     if name == "fedavg":
-        return FedAvg(**common)
+        return ValidatedFedAvg(**common)
     raise RunConfigError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}")
