@@ -1,6 +1,6 @@
 """Client-side alignment: a client moves its trained model into the global model's units itself.
 
-Every client holds the global model it received, so it can solve the transport problems
+Every client has the global model it received, so it can solve the transport problems
 against it locally, with a ground cost from its own weights or from activations on its own
 training texts, and reply with an already aligned model. The server then only computes a
 weighted mean, which is what secure aggregation can compute, and no activations leave the

@@ -9,22 +9,26 @@ from __future__ import annotations
 from logging import INFO
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from otfuse import records
+from otfuse.client.alignment import reply_state
+from otfuse.client.attack import is_attacker, poisoned_labels
 from otfuse.client.partition import load_partition
-from otfuse.models import TransformerClassifier, build_model
 from otfuse.runconfig import (
+    ATTACK_KIND,
+    ATTACK_PARTITION,
     BATCH_SIZE,
     LEARNING_RATE,
     LOCAL_EPOCHS,
     SEED,
     WEIGHT_DECAY,
-    RunConfig,
     load_run_config,
 )
+from otfuse.task import RunModel, run_model
 from otfuse.training import evaluate_model, train_model
 
 app = ClientApp()
@@ -37,12 +41,17 @@ def train(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = node_partition(context)
     server_round = int(msg.content[records.CONFIG][records.SERVER_ROUND])
     data = load_partition(config, partition_id, num_partitions)
-    model = _received_model(msg, config)
+    task = run_model(config)
+    model = _received_model(msg, task)
+    train_labels = data.train_labels
+    if is_attacker(config.get(ATTACK_KIND), config.get(ATTACK_PARTITION), partition_id):
+        # Benchmarks only: this partition plays the poisoned client of the attack.* settings.
+        train_labels = poisoned_labels(train_labels, config.get(ATTACK_KIND), config.model_config().n_classes)
 
     result = train_model(
         model,
         data.train_ids,
-        data.train_labels,
+        train_labels,
         epochs=config.get(LOCAL_EPOCHS),
         batch_size=config.get(BATCH_SIZE),
         lr=config.get(LEARNING_RATE),
@@ -54,15 +63,20 @@ def train(msg: Message, context: Context) -> Message:
         "partition %d, round %d: trained on %d examples in %.1f s, loss %.4f",
         partition_id, server_round, result["num_examples"], result["seconds"], result["train_loss"],
     )
+    state, reply_metrics = reply_state(
+        config, task, task.exchanged_state(model), msg.content[records.ARRAYS].to_torch_state_dict(),
+        data.train_ids, partition_id,
+    )
     metrics = MetricRecord(
         {
             records.TRAIN_LOSS: float(result["train_loss"]),
             records.TRAIN_ACCURACY: float(result["train_accuracy"]),
             records.NUM_EXAMPLES: int(result["num_examples"]),
             records.TRAIN_SECONDS: float(result["seconds"]),
+            **reply_metrics,
         }
     )
-    content = RecordDict({records.ARRAYS: ArrayRecord(model.state_dict()), records.METRICS: metrics})
+    content = RecordDict({records.ARRAYS: ArrayRecord(state), records.METRICS: metrics})
     return Message(content, reply_to=msg)
 
 
@@ -77,7 +91,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             f"partition {partition_id} has no local test examples; raise local-test-fraction "
             "above 0 or set fraction-evaluate=0"
         )
-    model = _received_model(msg, config)
+    model = _received_model(msg, run_model(config))
     scores = evaluate_model(model, data.test_ids, data.test_labels, batch_size=config.get(BATCH_SIZE))
     metrics = MetricRecord(
         {
@@ -110,7 +124,7 @@ def training_seed(run_seed: int, partition_id: int, server_round: int) -> int:
     return int(sequence.generate_state(1, dtype=np.uint32)[0])
 
 
-def _received_model(msg: Message, config: RunConfig) -> TransformerClassifier:
-    model = build_model(config.model_config())
-    model.load_state_dict(msg.content[records.ARRAYS].to_torch_state_dict())
+def _received_model(msg: Message, task: RunModel) -> torch.nn.Module:
+    model = task.build()
+    task.load_exchanged(model, msg.content[records.ARRAYS].to_torch_state_dict())
     return model

@@ -35,8 +35,8 @@ class RobustOTFusion(OTFusion):
     computed. The rule needs 3 client models; with fewer, nothing is flagged.
 
     The cost normalises each unit's weights, so it does not see a model whose weights were
-    only multiplied by a positive factor; the reply checks' update-norm limit
-    (``max-update-norm-ratio``) covers that case.
+    only multiplied by a positive factor. The reply check ``max-update-norm-ratio`` rejects
+    such a model when its update is large enough.
 
     ``outliers`` maps each round to the flagged node ids, their z-scores and the weight
     factors, and is saved in checkpoints with the rest of the strategy state.
