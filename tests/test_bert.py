@@ -26,27 +26,12 @@ from otfuse.models.bert import (
 from otfuse.models.bert_spec import POOLER, RESIDUAL, alignment_spec, layer_groups
 from otfuse.models.bert_tokenizer import WordPieceTokenizer
 
+from bert_helpers import TINY_ENCODER, write_checkpoint
 from fusion_helpers import permute_state, random_symmetry
 
 MAX_LEN = 16
 # Logits of order 1 after float32 sums over 384 features reordered by a permutation.
 LOGIT_ATOL = 1e-4
-TINY_ENCODER = {
-    "model_type": "bert",
-    "vocab_size": 40,
-    "hidden_size": 16,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 24,
-    "max_position_embeddings": 20,
-    "type_vocab_size": 2,
-    "pad_token_id": 0,
-    "hidden_act": "gelu",
-    "initializer_range": 0.5,
-}
-TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "movie", "film", "very"]
-
-
 def with_head(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
     """Return ``state`` with a head of unit-scale weights, so that logits are of order 1."""
     generator = torch.Generator().manual_seed(seed)
@@ -91,25 +76,6 @@ def minilm():
 def minilm_fused(minilm):
     config, spec, state, permuted, _ = minilm
     return fuse([state, permuted], spec, options=FusionOptions(alignment="hard")).state_dict
-
-
-def write_checkpoint(folder: Path, encoder: dict, *, prefix: str = "", file: str = "model.safetensors",
-                     seed: int = 0) -> Path:
-    """Write a randomly initialised BertModel as a checkpoint folder with a WordPiece vocabulary."""
-    from transformers import BertConfig, BertModel
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(encoder))
-    (folder / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
-    torch.manual_seed(seed)
-    model = BertModel(BertConfig(**encoder), add_pooling_layer=True)
-    weights = {f"{prefix}{name}": tensor.contiguous() for name, tensor in model.state_dict().items()}
-    weights[f"{prefix}embeddings.position_ids"] = torch.arange(encoder["max_position_embeddings"])[None]
-    if file.endswith(".bin"):
-        torch.save(weights, folder / file)
-    else:
-        save_file(weights, str(folder / file))
-    return folder
 
 
 @pytest.fixture(scope="module")

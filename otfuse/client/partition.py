@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.common import log
 
-from otfuse.data_partitions import HashTokenizer, load_client_data
+from otfuse.data_partitions import load_client_data
 from otfuse.runconfig import (
     DATA_DIR,
     IID_DATASET,
@@ -19,6 +19,7 @@ from otfuse.runconfig import (
     SEED,
     RunConfig,
 )
+from otfuse.task import Tokenizer, run_model
 
 # One entry per partition request; a simulation process serves a few nodes at most.
 _CACHE_SIZE = 8
@@ -36,7 +37,6 @@ class TokenizedPartition:
 
 def load_partition(config: RunConfig, partition_id: int, num_partitions: int) -> TokenizedPartition:
     """Load and tokenize this node's partition; repeated calls in one process hit a cache."""
-    model = config.model_config()
     return _load_cached(
         config.get(PARTITIONING),
         partition_id,
@@ -47,8 +47,7 @@ def load_partition(config: RunConfig, partition_id: int, num_partitions: int) ->
         config.optional_cap(MAX_TRAIN_EXAMPLES),
         config.get(LOCAL_TEST_FRACTION),
         config.get(IID_DATASET),
-        model.vocab_size,
-        model.max_len,
+        run_model(config).tokenizer(),
     )
 
 
@@ -66,8 +65,7 @@ def _load_cached(
     max_train_examples: int | None,
     local_test_fraction: float,
     iid_dataset: str,
-    vocab_size: int,
-    max_len: int,
+    tokenizer: Tokenizer,
 ) -> TokenizedPartition:
     data = load_client_data(
         partitioning,
@@ -80,7 +78,6 @@ def _load_cached(
         local_test_fraction=local_test_fraction,
         iid_dataset=iid_dataset,
     )
-    tokenizer = HashTokenizer(vocab_size=vocab_size, max_len=max_len)
     partition = TokenizedPartition(
         train_ids=tokenizer.encode(data.train["text"].tolist()),
         train_labels=data.train["label"].to_numpy(dtype=np.int64),

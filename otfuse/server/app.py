@@ -9,7 +9,6 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from otfuse.data_partitions import resolve_data_dir
-from otfuse.models import build_model, save_checkpoint
 from otfuse.runconfig import (
     DATA_DIR,
     NUM_SERVER_ROUNDS,
@@ -29,6 +28,7 @@ from otfuse.server.outputs import (
 )
 from otfuse.server.rounds import RoundReporter
 from otfuse.strategies import ClientMetricsLog, build_strategy
+from otfuse.task import run_model
 
 app = ServerApp()
 
@@ -49,8 +49,8 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(
         config, train_metrics_aggr_fn=train_log, evaluate_metrics_aggr_fn=evaluate_log
     )
-    model_config = config.model_config()
-    initial_arrays = ArrayRecord(build_model(model_config, seed=config.get(SEED)).state_dict())
+    task = run_model(config)
+    initial_arrays = ArrayRecord(task.exchanged_state(task.build(seed=config.get(SEED))))
     reporter = RoundReporter(
         run_id=context.run_id,
         strategy_name=strategy_name,
@@ -74,10 +74,9 @@ def main(grid: Grid, context: Context) -> None:
 
     # Result.arrays stays empty when no round produced a model.
     final_arrays = result.arrays if len(result.arrays) else initial_arrays
-    model_path = save_checkpoint(
+    model_path = task.save(
         output_dir / MODEL_FILE,
         final_arrays.to_torch_state_dict(),
-        model_config,
         metadata={"otfuse.strategy": strategy_name, "otfuse.num_rounds": str(num_rounds)},
     )
     log(INFO, "Wrote the final model to %s and the metrics to %s", model_path, writer.path)

@@ -9,9 +9,9 @@ import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common import log
 
-from otfuse.data_partitions import HashTokenizer, load_global_test
-from otfuse.models import build_model
+from otfuse.data_partitions import load_global_test
 from otfuse.runconfig import BATCH_SIZE, MAX_TEST_EXAMPLES, SEED, RunConfig
+from otfuse.task import run_model
 from otfuse.training import evaluate_model
 
 OVERALL = "overall"
@@ -29,26 +29,26 @@ class GlobalEvaluator:
     """
 
     def __init__(self, config: RunConfig, data_dir: str | os.PathLike | None) -> None:
-        model_config = config.model_config()
+        self.task = run_model(config)
         tests = load_global_test(
             config.datasets,
             data_dir,
             max_examples_per_dataset=config.optional_cap(MAX_TEST_EXAMPLES),
             seed=config.get(SEED),
         )
-        tokenizer = HashTokenizer(vocab_size=model_config.vocab_size, max_len=model_config.max_len)
+        tokenizer = self.task.tokenizer()
         self.inputs = {
             name: (tokenizer.encode(frame["text"].tolist()), frame["label"].to_numpy(dtype=np.int64))
             for name, frame in tests.items()
         }
-        self.model = build_model(model_config)
+        self.model = self.task.build()
         self.batch_size = config.get(BATCH_SIZE)
         sizes = ", ".join(f"{name} {len(labels)}" for name, (_, labels) in self.inputs.items())
         log(INFO, "Global test set: %s examples", sizes)
 
     def evaluate(self, arrays: ArrayRecord) -> Scores:
         """Return loss, accuracy, weighted F1, calibration error and example count per data set and ``overall``."""
-        self.model.load_state_dict(arrays.to_torch_state_dict())
+        self.task.load_exchanged(self.model, arrays.to_torch_state_dict())
         scores: Scores = {}
         for name, (ids, labels) in self.inputs.items():
             scores[name] = self._score(ids, labels)

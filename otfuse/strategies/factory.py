@@ -30,6 +30,7 @@ from otfuse.runconfig import (
 )
 from otfuse.strategies.client_aligned import ClientAlignedFedAvg
 from otfuse.strategies.otfusion import OTFusion
+from otfuse.task import run_model
 from otfuse.strategies.replies import ReplyLimits
 from otfuse.strategies.robust import RobustOTFusion
 from otfuse.strategies.validated import ValidatedFedAvg
@@ -97,7 +98,7 @@ def build_strategy(
         return ClientAlignedFedAvg(**common)
     if name == "otfusion":
         return OTFusion(
-            config.model_config(),
+            run_model(config).alignment_spec(),
             config.fusion_options(),
             anchor=config.get(FUSION_ANCHOR),
             **common,

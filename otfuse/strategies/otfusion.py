@@ -13,8 +13,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common import log
 
-from otfuse.fusion import FusionError, FusionOptions, FusionResult, fuse
-from otfuse.models import ModelConfig, alignment_spec
+from otfuse.fusion import AlignmentSpec, FusionError, FusionOptions, FusionResult, fuse
 from otfuse.strategies.replies import TrainUpdate
 from otfuse.strategies.validated import RoundFusion, ValidatedFedAvg
 
@@ -33,8 +32,9 @@ class OTFusion(ValidatedFedAvg):
 
     Parameters
     ----------
-    model_config : ModelConfig
-        Config of the global model; its alignment spec describes every client model.
+    spec : AlignmentSpec
+        Alignment spec of the tensors that clients send, the same for every client model
+        and the global model; :func:`otfuse.task.run_model` builds it from the run config.
     fusion_options : FusionOptions
         Alignment, regularisation, support masses and barycenter iterations. Its ``anchor``
         index is ignored, because the anchor is chosen by ``anchor``.
@@ -49,7 +49,7 @@ class OTFusion(ValidatedFedAvg):
 
     def __init__(
         self,
-        model_config: ModelConfig,
+        spec: AlignmentSpec,
         fusion_options: FusionOptions,
         anchor: Anchor = "global",
         **options: Any,
@@ -57,8 +57,7 @@ class OTFusion(ValidatedFedAvg):
         super().__init__(**options)
         if anchor not in ANCHORS:
             raise ValueError(f"unknown anchor {anchor!r}; choose one of {', '.join(ANCHORS)}")
-        self.model_config = model_config
-        self.spec = alignment_spec(model_config)
+        self.spec = spec
         self.fusion_options = fusion_options
         self.anchor = anchor
 
