@@ -15,8 +15,12 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from otfuse import records
+from otfuse.client.alignment import reply_state
+from otfuse.client.attack import is_attacker, poisoned_labels
 from otfuse.client.partition import load_partition
 from otfuse.runconfig import (
+    ATTACK_KIND,
+    ATTACK_PARTITION,
     BATCH_SIZE,
     LEARNING_RATE,
     LOCAL_EPOCHS,
@@ -39,11 +43,15 @@ def train(msg: Message, context: Context) -> Message:
     data = load_partition(config, partition_id, num_partitions)
     task = run_model(config)
     model = _received_model(msg, task)
+    train_labels = data.train_labels
+    if is_attacker(config.get(ATTACK_KIND), config.get(ATTACK_PARTITION), partition_id):
+        # Benchmarks only: this partition plays the poisoned client of the attack.* settings.
+        train_labels = poisoned_labels(train_labels, config.get(ATTACK_KIND), config.model_config().n_classes)
 
     result = train_model(
         model,
         data.train_ids,
-        data.train_labels,
+        train_labels,
         epochs=config.get(LOCAL_EPOCHS),
         batch_size=config.get(BATCH_SIZE),
         lr=config.get(LEARNING_RATE),
@@ -55,17 +63,20 @@ def train(msg: Message, context: Context) -> Message:
         "partition %d, round %d: trained on %d examples in %.1f s, loss %.4f",
         partition_id, server_round, result["num_examples"], result["seconds"], result["train_loss"],
     )
+    state, reply_metrics = reply_state(
+        config, task, task.exchanged_state(model), msg.content[records.ARRAYS].to_torch_state_dict(),
+        data.train_ids, partition_id,
+    )
     metrics = MetricRecord(
         {
             records.TRAIN_LOSS: float(result["train_loss"]),
             records.TRAIN_ACCURACY: float(result["train_accuracy"]),
             records.NUM_EXAMPLES: int(result["num_examples"]),
             records.TRAIN_SECONDS: float(result["seconds"]),
+            **reply_metrics,
         }
     )
-    content = RecordDict(
-        {records.ARRAYS: ArrayRecord(task.exchanged_state(model)), records.METRICS: metrics}
-    )
+    content = RecordDict({records.ARRAYS: ArrayRecord(state), records.METRICS: metrics})
     return Message(content, reply_to=msg)
 
 
