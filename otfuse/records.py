@@ -9,6 +9,8 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 SERVER_ROUND = "server-round"
+#: Weight of FedProx's proximal term, which Flower's FedProx adds to every train config.
+PROXIMAL_MU = "proximal-mu"
 NUM_EXAMPLES = "num-examples"
 
 PARTITION_ID = "partition-id"

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from otfuse.data_partitions import DATASET_NAMES, PARTITIONINGS
+from otfuse.data_partitions import ALL_DATASETS, DATASET_NAMES, DEFAULT_ALPHA, PARTITIONINGS, label_names
 from otfuse.client.attack import ATTACK_KINDS
 from otfuse.fusion import ALIGNMENTS, COSTS, MASSES, FusionOptions
 from otfuse.fusion.robust import DEFAULT_THRESHOLD, ROBUST_MODES
@@ -78,13 +78,20 @@ def _setting(*args: Any, **kwargs: Any) -> Setting[Any]:
 
 SETTINGS: dict[str, Setting[Any]] = {}
 
+#: Flower's own strategies, as Flower ships them; "fedavg" is listed with the project's.
+BASELINE_STRATEGIES: tuple[str, ...] = (
+    "fedprox", "fedavgm", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg",
+)
+
 # Federation
 STRATEGY = _setting(
     "strategy", str, "otfusion",
     "Server strategy: 'otfusion' fuses client models with optimal-transport alignment, "
     "'fedavg' is Flower's FedAvg baseline, 'otfusion-client' has every client align its "
-    "model to the global model before replying and the server average them as FedAvg does.",
-    choices=("otfusion", "fedavg", "otfusion-client"),
+    "model to the global model before replying and the server average them as FedAvg does. "
+    "Flower's own 'fedprox', 'fedavgm', 'fedadam', 'fedyogi', 'fedmedian' and 'fedtrimmedavg' "
+    "take their settings from the fedprox.*, fedavgm.*, fedopt.* and fedtrimmedavg.* keys.",
+    choices=("otfusion", "fedavg", "otfusion-client", *BASELINE_STRATEGIES),
 )
 NUM_SERVER_ROUNDS = _setting("num-server-rounds", int, 3, "Federated rounds.", minimum=1)
 SEED = _setting(
@@ -156,9 +163,10 @@ DATA_DIR = _setting(
 )
 DATASETS = _setting(
     "datasets", str, ",".join(DATASET_NAMES),
-    "Data sets of the run. With 'per-dataset' partitioning node i trains on the i-th; the "
-    "global test set is the union of their test splits.",
-    choices=DATASET_NAMES, is_list=True,
+    "Data sets of the run, all with the same classes: binary sentiment (sst2, imdb, "
+    "sentiment140) or the eight XED emotions (xed-en, xed-fi). With 'per-dataset' partitioning "
+    "node i trains on the i-th; the global test set is the union of their test splits.",
+    choices=ALL_DATASETS, is_list=True,
 )
 PARTITIONING = _setting(
     "partitioning", str, "per-dataset",
@@ -167,8 +175,21 @@ PARTITIONING = _setting(
     choices=PARTITIONINGS,
 )
 IID_DATASET = _setting(
-    "iid-dataset", str, DATASET_NAMES[0], "The corpus that 'iid' partitioning splits.",
-    choices=DATASET_NAMES,
+    "iid-dataset", str, DATASET_NAMES[0],
+    "The corpus that 'iid', 'dirichlet' and 'kfold' partitioning split; it needs the classes "
+    "of datasets. 'per-dataset' and 'per-language' ignore it.",
+    choices=ALL_DATASETS,
+)
+DIRICHLET_ALPHA = _setting(
+    "dirichlet-alpha", float, DEFAULT_ALPHA,
+    "Concentration of 'dirichlet' partitioning: each class goes to the nodes in shares drawn "
+    "from Dirichlet(alpha), so smaller values give each node fewer classes.",
+    minimum=0.0, exclusive_minimum=True,
+)
+SIZE_SKEW = _setting(
+    "size-skew", float, 0.0,
+    "'iid' and 'per-language' only: node j of a corpus gets a share proportional to "
+    "(j + 1) ** size-skew; 0 gives equal shards.",
 )
 MAX_TRAIN_EXAMPLES = _setting(
     "max-train-examples", int, 3000,
@@ -191,6 +212,52 @@ LEARNING_RATE = _setting(
     "learning-rate", float, 2e-3, "AdamW learning rate.", minimum=0.0, exclusive_minimum=True
 )
 WEIGHT_DECAY = _setting("weight-decay", float, 0.01, "AdamW decoupled weight decay.", minimum=0.0)
+
+# Flower's baseline strategies. FedOpt's eta_l is left out because Flower 1.42's FedAdam and
+# FedYogi store it but send it nowhere; clients train with learning-rate.
+FEDPROX_MU = _setting(
+    "fedprox.mu", float, 0.01,
+    "Strategy 'fedprox': weight of the proximal term mu/2 * ||w - w_global||^2 that clients add "
+    "to their loss.",
+    minimum=0.0,
+)
+FEDAVGM_SERVER_LR = _setting(
+    "fedavgm.server-lr", float, 1.0,
+    "Strategy 'fedavgm': server learning rate applied to the averaged update.",
+    minimum=0.0, exclusive_minimum=True,
+)
+FEDAVGM_SERVER_MOMENTUM = _setting(
+    "fedavgm.server-momentum", float, 0.9,
+    "Strategy 'fedavgm': server momentum; 0 with server-lr 1 is FedAvg.",
+    minimum=0.0, maximum=1.0,
+)
+FEDOPT_ETA = _setting(
+    "fedopt.eta", float, 1e-3,
+    "Strategies 'fedadam' and 'fedyogi': server learning rate.",
+    minimum=0.0, exclusive_minimum=True,
+)
+FEDOPT_BETA_1 = _setting(
+    "fedopt.beta-1", float, 0.9,
+    "Strategies 'fedadam' and 'fedyogi': decay of the first moment, below 1.",
+    minimum=0.0, maximum=1.0,
+)
+FEDOPT_BETA_2 = _setting(
+    "fedopt.beta-2", float, 0.99,
+    "Strategies 'fedadam' and 'fedyogi': decay of the second moment, below 1.",
+    minimum=0.0, maximum=1.0,
+)
+FEDOPT_TAU = _setting(
+    "fedopt.tau", float, 1e-3,
+    "Strategies 'fedadam' and 'fedyogi': added to the root of the second moment, so it "
+    "bounds the step size of coordinates that barely change.",
+    minimum=0.0, exclusive_minimum=True,
+)
+FEDTRIMMEDAVG_BETA = _setting(
+    "fedtrimmedavg.beta", float, 0.2,
+    "Strategy 'fedtrimmedavg': fraction of client values cut from each end before averaging, "
+    "below 0.5; with n clients int(beta * n) are cut, so 0.2 cuts none of 4 clients.",
+    minimum=0.0, maximum=0.5,
+)
 
 # Encoder choice
 SCRATCH_ENCODER = "transformer"
@@ -330,15 +397,22 @@ class RunConfig:
     def datasets(self) -> tuple[str, ...]:
         return _split_list(self.get(DATASETS))
 
+    @property
+    def iid_dataset(self) -> str | None:
+        """Return iid-dataset, or None for the partitionings that do not split one corpus."""
+        if self.get(PARTITIONING) in _GROUPED_PARTITIONINGS:
+            return None
+        return self.get(IID_DATASET)
+
     def model_config(self) -> ModelConfig:
-        """Build the model config; ``n_classes`` is 2 because every data set is binary."""
+        """Build the model config; ``n_classes`` is the number of classes of the data sets."""
         prefix = "model."
         fields = {
             key[len(prefix):].replace("-", "_"): value
             for key, value in self.values.items()
             if key.startswith(prefix)
         }
-        return ModelConfig(n_classes=2, **fields)
+        return ModelConfig(n_classes=len(label_names(self.datasets[0])), **fields)
 
     def fusion_options(self) -> FusionOptions:
         """Build the engine's options; the anchor index is chosen per round by the strategy."""
@@ -382,6 +456,7 @@ def load_run_config(run_config: Mapping[str, Any]) -> RunConfig:
         values[key] = _check_value(setting, value)
 
     config = RunConfig(values)
+    _check_classes(config)
     _check_model(config)
     return config
 
@@ -429,6 +504,23 @@ def _reject(setting: Setting[Any], value: Any) -> None:
 
 def _split_list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+# Partitionings that give nodes whole data sets or languages instead of shards of one corpus.
+_GROUPED_PARTITIONINGS = ("per-dataset", "per-language")
+
+
+def _check_classes(config: RunConfig) -> None:
+    first = config.datasets[0]
+    corpus = () if config.iid_dataset is None else (config.iid_dataset,)
+    for name in (*config.datasets[1:], *corpus):
+        if label_names(name) != label_names(first):
+            key = DATASETS.key if name in config.datasets else IID_DATASET.key
+            raise RunConfigError(
+                f"run-config key {key!r} names {name!r}, whose classes {list(label_names(name))} "
+                f"differ from those of {first!r} ({list(label_names(first))}); list data sets "
+                "with the same classes, and set iid-dataset to one of them"
+            )
 
 
 def _check_model(config: RunConfig) -> None:

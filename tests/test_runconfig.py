@@ -101,7 +101,7 @@ INVALID = [
     pytest.param({"fraction-train": 0.0}, ["'fraction-train'", "> 0 and <= 1"], id="fraction-zero"),
     pytest.param({"fraction-evaluate": 1.5}, ["'fraction-evaluate'", "<= 1"], id="fraction-above-one"),
     pytest.param({"learning-rate": float("nan")}, ["'learning-rate'", "nan"], id="nan-learning-rate"),
-    pytest.param({"strategy": "fedprox"}, ["'strategy'", "'fedprox'", "'otfusion', 'fedavg'"], id="unknown-strategy"),
+    pytest.param({"strategy": "scaffold"}, ["'strategy'", "'scaffold'", "'otfusion', 'fedavg'"], id="unknown-strategy"),
     pytest.param({"datasets": "sst2,yelp"}, ["'datasets'", "'sst2,yelp'", "'imdb'"], id="unknown-dataset"),
     pytest.param({"datasets": "sst2,sst2"}, ["'datasets'", "distinct"], id="repeated-dataset"),
     pytest.param({"datasets": ""}, ["'datasets'"], id="no-dataset"),

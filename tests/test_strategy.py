@@ -199,7 +199,7 @@ def test_fedavg_helper_signature_pinned():
 def test_fedavg_is_flower_fedavg(run_config):
     strategy = build_strategy({**run_config, "strategy": "fedavg", "min-train-nodes": 3, "fraction-train": 0.5})
 
-    assert type(strategy) is ValidatedFedAvg
+    assert isinstance(strategy, ValidatedFedAvg)
     assert isinstance(strategy, FedAvg)
     assert strategy.min_train_nodes == 3
     assert strategy.fraction_train == 0.5
@@ -223,7 +223,7 @@ def test_otfusion_takes_fusion_options(run_config):
 
 def test_unknown_strategy_rejected(run_config):
     with pytest.raises(RunConfigError, match="'otfusion', 'fedavg'"):
-        build_strategy({**run_config, "strategy": "fedprox"})
+        build_strategy({**run_config, "strategy": "scaffold"})
 
 
 def test_no_local_test_disables_evaluation(run_config):

@@ -57,6 +57,7 @@ def train(msg: Message, context: Context) -> Message:
         lr=config.get(LEARNING_RATE),
         weight_decay=config.get(WEIGHT_DECAY),
         seed=training_seed(config.get(SEED), partition_id, server_round),
+        proximal_mu=proximal_mu(msg),
     )
     log(
         INFO,
@@ -116,6 +117,22 @@ def node_partition(context: Context) -> tuple[int, int]:
     partition_id = int(context.node_config[records.PARTITION_ID])
     num_partitions = int(context.node_config[records.NUM_PARTITIONS])
     return partition_id, num_partitions
+
+
+def proximal_mu(msg: Message) -> float:
+    """Return the FedProx weight ``proximal-mu`` of the train config, 0 when absent.
+
+    Flower's FedProx puts it in the config of every train message. The proximal term pulls
+    the weights toward the received global model, which is the model's state when training
+    starts.
+    """
+    value = msg.content[records.CONFIG].get(records.PROXIMAL_MU, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(
+            f"train config {records.PROXIMAL_MU!r} must be a number >= 0, got {value!r}; check "
+            "the server's fedprox.mu setting"
+        )
+    return float(value)
 
 
 def training_seed(run_seed: int, partition_id: int, server_round: int) -> int:

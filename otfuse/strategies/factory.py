@@ -11,6 +11,7 @@ from flwr.common import log
 from flwr.serverapp.strategy import Strategy
 
 from otfuse.runconfig import (
+    BASELINE_STRATEGIES,
     FRACTION_EVALUATE,
     FRACTION_TRAIN,
     FUSION_ANCHOR,
@@ -28,16 +29,20 @@ from otfuse.runconfig import (
     RunConfigError,
     load_run_config,
 )
+from otfuse.strategies.baselines import flower_baseline
 from otfuse.strategies.client_aligned import ClientAlignedFedAvg
+from otfuse.strategies.measured import measured
 from otfuse.strategies.otfusion import OTFusion
+from otfuse.strategies.robust import RobustOTFusion
 from otfuse.task import run_model
 from otfuse.strategies.replies import ReplyLimits
-from otfuse.strategies.robust import RobustOTFusion
 from otfuse.strategies.validated import ValidatedFedAvg
 
 MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 
-STRATEGY_NAMES: tuple[str, ...] = ("otfusion", "fedavg", "otfusion-client")
+STRATEGY_NAMES: tuple[str, ...] = ("otfusion", "fedavg", "otfusion-client", *BASELINE_STRATEGIES)
+# Options of the project's reply checks, which Flower's own strategies do not take.
+_REPLY_CHECK_OPTIONS = ("reply_limits", "min_train_replies")
 
 
 def build_strategy(
@@ -46,11 +51,16 @@ def build_strategy(
     train_metrics_aggr_fn: MetricsAggregation | None = None,
     evaluate_metrics_aggr_fn: MetricsAggregation | None = None,
 ) -> Strategy:
-    """Return :class:`OTFusion` for ``strategy="otfusion"`` and FedAvg for ``"fedavg"``.
+    """Return the strategy that the run config's ``strategy`` key names.
 
     The FedAvg baseline is :class:`ValidatedFedAvg`, Flower's FedAvg behind the same reply
     checks as OTFusion. Both get the same sampling settings and checks, so the two
-    strategies run on identical clients and fuse the same replies.
+    strategies run on identical clients and fuse the same replies. The names in
+    :data:`~otfuse.runconfig.BASELINE_STRATEGIES` give Flower's own strategies with the same
+    sampling settings, without the project's reply checks (see
+    :mod:`otfuse.strategies.baselines`). Every strategy comes with
+    :class:`~otfuse.strategies.measured.MeasuredStrategy` mixed in, which records the
+    aggregation time and the bytes sent and received in each round.
 
     Raises
     ------
@@ -81,13 +91,17 @@ def build_strategy(
         ),
         "min_train_replies": config.get(MIN_TRAIN_REPLIES),
     }
+    if name in BASELINE_STRATEGIES:
+        strategy_class, options = flower_baseline(name, config)
+        sampling = {key: value for key, value in common.items() if key not in _REPLY_CHECK_OPTIONS}
+        return measured(strategy_class)(**sampling, **options)
     if name == "otfusion" and config.get(FUSION_ROBUST) != "none":
         if config.get(FUSION_ANCHOR) != "global":
             raise RunConfigError(
                 "fusion.robust scores each client by its transport cost to the global model, so "
                 "it needs fusion.anchor='global'; set fusion.anchor=global or fusion.robust=none"
             )
-        return RobustOTFusion(
+        return measured(RobustOTFusion)(
             run_model(config).alignment_spec(),
             config.fusion_options(),
             mode=config.get(FUSION_ROBUST),
@@ -95,14 +109,14 @@ def build_strategy(
             **common,
         )
     if name == "otfusion-client":
-        return ClientAlignedFedAvg(**common)
+        return measured(ClientAlignedFedAvg)(**common)
     if name == "otfusion":
-        return OTFusion(
+        return measured(OTFusion)(
             run_model(config).alignment_spec(),
             config.fusion_options(),
             anchor=config.get(FUSION_ANCHOR),
             **common,
         )
     if name == "fedavg":
-        return ValidatedFedAvg(**common)
+        return measured(ValidatedFedAvg)(**common)
     raise RunConfigError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}")
