@@ -171,7 +171,9 @@ DATASETS = _setting(
 PARTITIONING = _setting(
     "partitioning", str, "per-dataset",
     "'per-dataset': one data set per node (nodes = data sets); 'iid': equal random shards "
-    "of iid-dataset.",
+    "of iid-dataset; 'per-language': the languages of datasets get consecutive blocks of "
+    "nodes; 'dirichlet': label skew of iid-dataset set by dirichlet-alpha; 'kfold': node i "
+    "trains on every fold of iid-dataset but fold i.",
     choices=PARTITIONINGS,
 )
 IID_DATASET = _setting(

@@ -13,7 +13,9 @@ from flwr.serverapp.strategy import FedAdam, FedAvgM, FedMedian, FedProx, FedTri
 
 from flower_helpers import FixedNodesGrid, initial_arrays, run_clients, set_task_identity, tiny_run_config
 from otfuse.runconfig import BASELINE_STRATEGIES, RunConfigError
-from otfuse.strategies import build_strategy
+from otfuse.server.outputs import MetricsWriter, read_metrics
+from otfuse.server.rounds import RoundReporter
+from otfuse.strategies import ClientMetricsLog, build_strategy
 from otfuse.strategies.measured import MeasuredStrategy, RoundMeasurement, measured
 
 NODE_IDS = (201, 202)
@@ -201,3 +203,33 @@ def test_resume_with_other_strategy_rejected(run_config):
 
     with pytest.raises(ValueError, match="'FedMedian'"):
         strategy.load_state_dict({"strategy": "FedMedian"})
+
+
+class FixedScores:
+    """Stands in for the global evaluator: every model scores the same."""
+
+    def evaluate(self, arrays):
+        values = {"loss": 0.7, "accuracy": 0.5, "f1_weighted": 0.4, "ece": 0.1, "num_examples": 10}
+        return {"sst2": dict(values), "overall": dict(values)}
+
+
+def test_round_record_has_measurement(run_config, global_arrays, tmp_path):
+    strategy = build_strategy({**run_config, "strategy": "fedtrimmedavg"})
+    _, replies = train_round(strategy, run_config, global_arrays)
+    received = sum(reply.content["arrays"].count_bytes() for reply in replies)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    writer = MetricsWriter(tmp_path)
+    reporter = RoundReporter(
+        run_id=1, strategy_name="fedtrimmedavg", strategy=strategy, num_rounds=1, evaluator=FixedScores(),
+        writer=writer, train_log=ClientMetricsLog(), evaluate_log=ClientMetricsLog(),
+    )
+
+    reporter(0, global_arrays)
+    reporter(1, arrays)
+
+    first, second = read_metrics(writer.path)
+    assert (first["aggregation_seconds"], first["bytes_sent"], first["bytes_received"]) == (None, 0, 0)
+    assert second["aggregation_seconds"] == strategy.measurements[1].aggregation_seconds
+    assert second["bytes_sent"] == len(NODE_IDS) * global_arrays.count_bytes()
+    assert second["bytes_received"] == received
+    assert second["fusion_seconds"] is None

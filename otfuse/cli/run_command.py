@@ -288,7 +288,9 @@ def preflight_data(config: Any, num_clients: int) -> None:
             seed=config.get(runconfig.SEED),
             max_train_examples=1,
             local_test_fraction=0.0,
-            iid_dataset=config.get(runconfig.IID_DATASET),
+            iid_dataset=config.iid_dataset,
+            alpha=config.get(runconfig.DIRICHLET_ALPHA),
+            size_skew=config.get(runconfig.SIZE_SKEW),
         )
 
 

@@ -12,11 +12,12 @@ from flwr.common import log
 from otfuse.data_partitions import load_client_data
 from otfuse.runconfig import (
     DATA_DIR,
-    IID_DATASET,
+    DIRICHLET_ALPHA,
     LOCAL_TEST_FRACTION,
     MAX_TRAIN_EXAMPLES,
     PARTITIONING,
     SEED,
+    SIZE_SKEW,
     RunConfig,
 )
 from otfuse.task import Tokenizer, run_model
@@ -46,7 +47,9 @@ def load_partition(config: RunConfig, partition_id: int, num_partitions: int) ->
         config.get(SEED),
         config.optional_cap(MAX_TRAIN_EXAMPLES),
         config.get(LOCAL_TEST_FRACTION),
-        config.get(IID_DATASET),
+        config.iid_dataset,
+        config.get(DIRICHLET_ALPHA),
+        config.get(SIZE_SKEW),
         run_model(config).tokenizer(),
     )
 
@@ -64,7 +67,9 @@ def _load_cached(
     seed: int,
     max_train_examples: int | None,
     local_test_fraction: float,
-    iid_dataset: str,
+    iid_dataset: str | None,
+    alpha: float,
+    size_skew: float,
     tokenizer: Tokenizer,
 ) -> TokenizedPartition:
     data = load_client_data(
@@ -77,6 +82,8 @@ def _load_cached(
         max_train_examples=max_train_examples,
         local_test_fraction=local_test_fraction,
         iid_dataset=iid_dataset,
+        alpha=alpha,
+        size_skew=size_skew,
     )
     partition = TokenizedPartition(
         train_ids=tokenizer.encode(data.train["text"].tolist()),

@@ -13,6 +13,7 @@ from flwr.serverapp.strategy import Strategy
 
 from otfuse.server.evaluation import OVERALL, GlobalEvaluator, scores_to_metric_record
 from otfuse.server.outputs import MetricsWriter
+from otfuse.strategies.measured import MeasuredStrategy, RoundMeasurement
 from otfuse.strategies import ClientMetricsLog, OTFusion
 
 
@@ -58,6 +59,17 @@ class RoundReporter:
             return None
         return self.strategy.history[server_round].as_dict()
 
+    def _measurement(self, server_round: int) -> dict[str, Any]:
+        """Return the round's aggregation seconds and array bytes; round 0 has none."""
+        measurement = RoundMeasurement()
+        if isinstance(self.strategy, MeasuredStrategy):
+            measurement = self.strategy.measurements.get(server_round, measurement)
+        return {
+            "aggregation_seconds": measurement.aggregation_seconds,
+            "bytes_sent": measurement.bytes_sent,
+            "bytes_received": measurement.bytes_received,
+        }
+
     def _record(self, server_round: int, scores: dict, fusion: dict[str, Any] | None) -> dict[str, Any]:
         datasets = {name: values for name, values in scores.items() if name != OVERALL}
         return {
@@ -69,6 +81,7 @@ class RoundReporter:
             "overall": scores[OVERALL],
             "fusion_seconds": fusion["seconds"] if fusion else None,
             "fusion": fusion,
+            **self._measurement(server_round),
             "client_train": self.train_log.take() if server_round > 0 else [],
             "client_evaluate": self.evaluate_log.take() if server_round > 0 else [],
             "elapsed_seconds": time.perf_counter() - self.started,
