@@ -155,6 +155,17 @@ class PretrainedBert(RunModel):
         return 4 * sum(int(np.prod(shape)) for shape in shapes.values())
 
 
+def model_of_checkpoint(config: ModelConfig | bert.BertClassifierConfig) -> RunModel:
+    """Return the model that a checkpoint's config describes, with every tensor exchanged.
+
+    Checkpoints hold every floating-point tensor, frozen ones included, so the pretrained
+    model's spec covers the embeddings too.
+    """
+    if isinstance(config, bert.BertClassifierConfig):
+        return PretrainedBert(config)
+    return ScratchTransformer(config)
+
+
 def run_model(config: RunConfig) -> RunModel:
     """Return the model of the run: the scratch transformer or the pretrained encoder.
 

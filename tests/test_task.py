@@ -12,7 +12,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from bert_helpers import TINY_ENCODER, write_checkpoint
+from fusion_helpers import permute_state, random_symmetry
 from flower_helpers import FixedNodesGrid, node_context, run_clients, set_task_identity, tiny_run_config, train_message
+from otfuse.cli.main import main
 from otfuse.client.app import app as client_app
 from otfuse.models import ModelConfig, load_checkpoint, parameter_shapes
 from otfuse.models.bert import MINILM, BertClassifierConfig
@@ -140,3 +142,19 @@ def test_server_evaluator_scores_pretrained_model(data_dir, tiny_dir):
     assert evaluator.inputs["sst2"][0].shape == (20, MAX_LEN)
     assert scores["sst2"]["num_examples"] == 20
     assert 0.0 <= scores["overall"]["accuracy"] <= 1.0
+
+
+def test_fuse_command_fuses_pretrained_checkpoints(tiny_dir, tmp_path):
+    model = PretrainedBert(BertClassifierConfig(str(tiny_dir), max_len=MAX_LEN, use_pooler=True))
+    state = model.exchanged_state(model.build(seed=0))
+    spec = model.alignment_spec()
+    permuted = permute_state(state, spec, random_symmetry(spec, seed=4))
+    first = model.save(tmp_path / "first.safetensors", state)
+    second = model.save(tmp_path / "second.safetensors", permuted)
+
+    status = main(["fuse", str(first), str(second), "-o", str(tmp_path / "fused.safetensors")])
+    fused, config = load_checkpoint(tmp_path / "fused.safetensors")
+
+    assert status == 0
+    assert config == model.config
+    assert max(float((fused[name] - state[name]).abs().max()) for name in state) < 1e-5

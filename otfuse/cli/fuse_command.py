@@ -8,7 +8,8 @@ import logging
 from pathlib import Path
 
 from otfuse.fusion import ALIGNMENTS, COSTS, DEFAULT_REG, MASSES, FusionOptions, fuse
-from otfuse.models import alignment_spec, load_checkpoint, save_checkpoint
+from otfuse.models import load_checkpoint
+from otfuse.task import model_of_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fuse safetensors checkpoints into one model with optimal-transport alignment",
         description=(
             "Align the checkpoints' neurons to an anchor with optimal transport and average them. "
-            "Each checkpoint must carry its model config in its metadata (as `otfuse run` writes it)."
+            "Each checkpoint must carry its model config in its metadata (as `otfuse run` writes it). "
+            "Checkpoints of a pretrained encoder need its folder on this machine."
         ),
     )
     parser.add_argument("checkpoints", nargs="+", type=Path, help="safetensors checkpoints to fuse")
@@ -39,11 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the checkpoints, fuse them and write the result; return the exit code."""
-    states, configs = [], []
+    states, models = [], []
     for path in args.checkpoints:
         state, config = load_checkpoint(path)
         states.append(state)
-        configs.append(config)
+        models.append(model_of_checkpoint(config))
     options = FusionOptions(
         alignment=args.alignment,
         reg=args.reg,
@@ -53,12 +55,10 @@ def run(args: argparse.Namespace) -> int:
         barycenter_iters=args.barycenter_iters,
         match_heads=not args.no_match_heads,
     )
-    result = fuse(states, [alignment_spec(config) for config in configs], args.weights, options)
-    anchor_config = configs[options.anchor]
-    save_checkpoint(
+    result = fuse(states, [model.alignment_spec() for model in models], args.weights, options)
+    models[options.anchor].save(
         args.output,
         result.state_dict,
-        anchor_config,
         metadata={"otfuse.fused_from": json.dumps([str(p) for p in args.checkpoints])},
     )
     if args.diagnostics:
