@@ -233,3 +233,4 @@ def test_round_record_has_measurement(run_config, global_arrays, tmp_path):
     assert second["bytes_sent"] == len(NODE_IDS) * global_arrays.count_bytes()
     assert second["bytes_received"] == received
     assert second["fusion_seconds"] is None
+    assert second["evaluation_seconds"] >= 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from rich.console import Console
 from otfuse.bench.config import ExperimentConfig
 from otfuse.bench.report import markdown_table, plot_rounds, summarise
 from otfuse.models import ModelConfig, parameter_shapes
+from otfuse.runconfig import BASELINE_STRATEGIES
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +30,12 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "otfusion-hard": {"strategy": "otfusion", "fusion.alignment": "hard"},
     "otfusion-soft": {"strategy": "otfusion", "fusion.alignment": "soft"},
     "otfusion-none": {"strategy": "otfusion", "fusion.alignment": "none"},
+    "otfusion-client": {"strategy": "otfusion-client"},
+    **{name: {"strategy": name} for name in BASELINE_STRATEGIES},
 }
 FLOWER_METRICS = ("accuracy", "f1_weighted", "loss")
+# Partition options of the experiment files and the run-config keys they set.
+PARTITION_OPTION_KEYS = {"alpha": "dirichlet-alpha", "size_skew": "size-skew"}
 
 
 def run_config_values(config: ExperimentConfig, strategy: str, seed: int) -> dict[str, Any]:
@@ -56,6 +62,14 @@ def run_config_values(config: ExperimentConfig, strategy: str, seed: int) -> dic
     }
     for key, value in config.model.items():
         values[f"model.{key.replace('_', '-')}"] = value
+    for key, value in config.partition_options.items():
+        if key not in PARTITION_OPTION_KEYS:
+            raise ValueError(
+                f"experiment {config.name!r}: partition option {key!r} has no run-config key in "
+                f"federated mode; use one of {sorted(PARTITION_OPTION_KEYS)}"
+            )
+        values[PARTITION_OPTION_KEYS[key]] = value
+    values.update(config.federated.get("run_config", {}))
     values.update(STRATEGIES[strategy])
     return values
 
@@ -74,36 +88,93 @@ def _run_config_line(values: Mapping[str, Any]) -> str:
 
 
 def run_one(config: ExperimentConfig, strategy: str, seed: int, out_dir: Path, data_dir=None,
-            quiet: bool = True) -> list[dict[str, Any]]:
-    """Run one strategy and seed through ``otfuse run``; return its metrics records."""
+            quiet: bool = True, ray_address: str | None = None) -> list[dict[str, Any]]:
+    """Run one strategy and seed through ``otfuse run``; return its metrics records.
+
+    A finished run in the output folder is read instead of run again. A folder with a
+    crashed or interrupted run, or a run with other settings, is deleted and run again.
+    ``ray_address`` attaches the simulation to a running Ray cluster (see ``otfuse run
+    --ray-address``).
+    """
     from otfuse.cli.run_command import execute, plan_run
     from otfuse.server.outputs import METRICS_FILE, read_metrics
 
     output_dir = out_dir / "federated" / f"{strategy}-seed{seed}"
-    if (output_dir / METRICS_FILE).exists():
+    values = run_config_values(config, strategy, seed)
+    if finished_run(output_dir, values):
         logger.info("%s seed %d already ran; reading %s", strategy, seed, output_dir / METRICS_FILE)
         return read_metrics(output_dir / METRICS_FILE)
+    if output_dir.exists():
+        logger.warning("%s seed %d: %s contains an unfinished run or other settings; running it again",
+                       strategy, seed, output_dir)
+        shutil.rmtree(output_dir)
     args = argparse.Namespace(
         app=None, strategy=None, rounds=None, data_dir=data_dir, num_clients=config.num_parents,
-        output_dir=str(output_dir), run_config=[_run_config_line(run_config_values(config, strategy, seed))],
-        client_cpus=1, quiet=quiet,
+        output_dir=str(output_dir), run_config=[_run_config_line(values)],
+        client_cpus=1, quiet=quiet, ray_address=ray_address,
     )
     plan = plan_run(args)
     return execute(plan, Console(quiet=quiet))
 
 
+def finished_run(output_dir: Path, values: Mapping[str, Any]) -> bool:
+    """Return whether ``output_dir`` contains a complete run with the run-config ``values``.
+
+    Complete means that ``metrics.jsonl`` has one record for each round from 0 to
+    ``num-server-rounds`` and the final model exists; the ServerApp writes the model last.
+    """
+    from otfuse.server.outputs import METRICS_FILE, MODEL_FILE, RUN_CONFIG_FILE, read_metrics
+
+    metrics_path, config_path = output_dir / METRICS_FILE, output_dir / RUN_CONFIG_FILE
+    if not (metrics_path.is_file() and config_path.is_file() and (output_dir / MODEL_FILE).is_file()):
+        return False
+    try:
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+        rounds = [record["round"] for record in read_metrics(metrics_path)]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning("cannot read the run in %s (%s); it counts as unfinished", output_dir, error)
+        return False
+    if any(saved.get(key) != value for key, value in values.items()):
+        return False
+    return rounds == list(range(int(saved["num-server-rounds"]) + 1))
+
+
 def records_to_rows(records: list[dict[str, Any]], strategy: str, seed: int, bytes_per_round: float,
                     local_epochs: int) -> list[dict[str, Any]]:
+    """Flatten metrics records into one row per round and test set.
+
+    ``mb_sent_per_round`` is the measured array bytes of the round when the record has
+    them, else ``bytes_per_round``. ``round_seconds`` is the wall time since the previous
+    record, and ``client_train_seconds`` the mean training time of the round's clients.
+    """
     rows = []
+    previous_elapsed = None
     for record in records:
+        first = record["round"] == 0
+        measured_bytes = record.get("bytes_sent")
+        if measured_bytes is not None:
+            mb_sent = (measured_bytes + record.get("bytes_received", 0)) / 1e6
+        else:
+            mb_sent = 0.0 if first else bytes_per_round / 1e6
+        elapsed = record.get("elapsed_seconds")
+        round_seconds = None if elapsed is None or previous_elapsed is None else elapsed - previous_elapsed
+        previous_elapsed = elapsed
+        train_seconds = [client.get("train_seconds") for client in record.get("client_train", [])]
+        train_seconds = [value for value in train_seconds if value is not None]
+        costs = {
+            "fusion_seconds": record.get("fusion_seconds"),
+            "aggregation_seconds": record.get("aggregation_seconds"),
+            "mb_sent_per_round": mb_sent,
+            "client_train_seconds": sum(train_seconds) / len(train_seconds) if train_seconds else None,
+            "round_seconds": None if first else round_seconds,
+            "client_epochs_per_round": 0 if first else local_epochs,
+        }
         scores = {**record.get("datasets", {}), "overall": record.get("overall", {})}
         for test_set, values in scores.items():
             rows.append({
                 "seed": seed, "strategy": strategy, "round": record["round"], "test_set": test_set,
                 **{metric: values.get(metric) for metric in (*FLOWER_METRICS, "ece")},
-                "fusion_seconds": record.get("fusion_seconds"),
-                "mb_sent_per_round": bytes_per_round / 1e6 if record["round"] > 0 else 0.0,
-                "client_epochs_per_round": local_epochs if record["round"] > 0 else 0,
+                **costs,
             })
     return rows
 

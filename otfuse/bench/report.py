@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -50,8 +51,68 @@ def markdown_table(summary: pd.DataFrame, test_set: str, metrics: Sequence[str] 
     return "\n".join(lines)
 
 
-def plot_bars(summary: pd.DataFrame, path: Path, metric: str = "accuracy", title: str = "") -> Path:
-    """Bar chart of ``metric`` per model, one group of bars per test set, with std error bars."""
+@dataclass(frozen=True)
+class Column:
+    """One metric column of :func:`leaderboard_table`.
+
+    ``metric`` names the ``<metric>_mean`` and ``<metric>_std`` columns of the summary,
+    ``title`` heads the column, ``decimals`` rounds both numbers, and ``lower_is_better``
+    marks the lowest mean as best instead of the highest.
+    """
+
+    metric: str
+    title: str
+    decimals: int = 3
+    lower_is_better: bool = False
+
+
+def leaderboard_table(summary: pd.DataFrame, label: str, columns: Sequence[Column],
+                      count_column: str | None = None, extra: Mapping[str, str] | None = None) -> str:
+    """Render ``summary`` (one row per ``label``) as Markdown ``mean ± std`` cells, best in bold.
+
+    Every column marks the best mean, the highest or, with ``lower_is_better``, the lowest;
+    ties at the printed precision are all bold. Rows whose mean is NaN show a dash and are
+    never best. ``extra`` maps summary columns to titles of plain text columns that follow.
+    With ``count_column``, a last column gives that summary column's value (the number of
+    seeds).
+    """
+    extra = dict(extra or {})
+    header = [label, *(column.title for column in columns), *extra.values()]
+    header += ["seeds"] if count_column else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    best = {}
+    for column in columns:
+        means = summary[f"{column.metric}_mean"].astype(float)
+        best[column.metric] = means.min() if column.lower_is_better else means.max()
+    for _, row in summary.iterrows():
+        cells = [str(row[label])]
+        for column in columns:
+            cells.append(_leaderboard_cell(row, column, best[column.metric]))
+        cells.extend(str(row[name]) for name in extra)
+        if count_column:
+            cells.append(str(int(row[count_column])))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _leaderboard_cell(row: pd.Series, column: Column, best: float) -> str:
+    mean = float(row[f"{column.metric}_mean"])
+    if np.isnan(mean):
+        return "–"
+    std = float(row[f"{column.metric}_std"])
+    text = f"{mean:.{column.decimals}f} ± {0.0 if np.isnan(std) else std:.{column.decimals}f}"
+    # Compare at the printed precision, so that cells that read the same are both marked.
+    if round(mean, column.decimals) == round(best, column.decimals):
+        return f"**{text}**"
+    return text
+
+
+def plot_bars(summary: pd.DataFrame, path: Path, metric: str = "accuracy", title: str = "",
+              log_scale: bool = False) -> Path:
+    """Bar chart of ``metric`` per model, one group of bars per test set, with std error bars.
+
+    ``log_scale`` puts the value axis on a log scale, for metrics that span decades.
+    """
     test_sets = list(dict.fromkeys(summary["test_set"]))
     models = list(dict.fromkeys(summary["model"]))
     width = 0.8 / max(len(models), 1)
@@ -62,8 +123,11 @@ def plot_bars(summary: pd.DataFrame, path: Path, metric: str = "accuracy", title
         axes.bar(positions, part[f"{metric}_mean"], width, yerr=part[f"{metric}_std"].fillna(0), label=model)
     axes.set_xticks(np.arange(len(test_sets)) + width * (len(models) - 1) / 2, test_sets)
     axes.set_ylabel(metric)
-    low = np.nanmin(summary[f"{metric}_mean"]) if metric != "ece" else 0.0
-    axes.set_ylim(max(0.0, low - 0.1), None)
+    if log_scale:
+        axes.set_yscale("log")
+    else:
+        low = np.nanmin(summary[f"{metric}_mean"]) if metric != "ece" else 0.0
+        axes.set_ylim(max(0.0, low - 0.1), None)
     axes.set_title(title or metric)
     axes.legend(fontsize="small", ncol=2)
     figure.tight_layout()

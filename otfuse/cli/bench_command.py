@@ -29,6 +29,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fusion.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     fusion.set_defaults(handler=run_fusion)
 
+    strategies = benchmarks.add_parser(
+        "strategies",
+        help="OT fusion against Flower's strategies on every partitioning, with several seeds",
+        description="Run the Flower simulation for every strategy on every partitioning (iid, "
+        "dirichlet-0.1, dirichlet-1.0, per-dataset, per-language) with several seeds, and write "
+        "leaderboards, a CSV of every round and plots. Finished runs in --out are read instead of "
+        "run again, so an interrupted benchmark continues where it stopped.",
+    )
+    strategies.add_argument("--out", type=Path, default=Path("outputs/bench-strategies"),
+                            help="folder for results.md, the CSV files, the plots and every run")
+    strategies.add_argument("--quick", action="store_true",
+                            help="3 strategies x 2 partitionings x 1 seed x 3 rounds at a smaller size")
+    strategies.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: 0 1 2, or 0 with --quick)")
+    strategies.add_argument("--strategies", nargs="+", metavar="NAME",
+                            help="strategies to run (default: all ten, or three with --quick)")
+    strategies.add_argument("--partitionings", nargs="+", metavar="NAME",
+                            help="partition cases to run (default: all five, or two with --quick)")
+    strategies.add_argument("--rounds", type=int, help="federated rounds per run (default: 5, or 3 with --quick)")
+    strategies.add_argument("--data-dir", help="local Parquet data folder (default: $OTFUSE_DATA_DIR)")
+    strategies.add_argument("--ray-address", metavar="HOST:PORT",
+                            help="run every simulation on this running Ray cluster instead of a Ray instance per run")
+    strategies.add_argument("--note", default="", help="a sentence for the report header, such as the machine's load")
+    strategies.set_defaults(handler=run_strategies)
+
+    overhead = benchmarks.add_parser(
+        "overhead",
+        help="wall time per round of OTFusion against FedAvg, split into training, fusion and Flower + Ray",
+        description="Run FedAvg and OTFusion (hard alignment) on identical clients from scratch and "
+        "split their wall time per round into client training, server aggregation, server evaluation "
+        "and the rest, which is the simulation's own overhead.",
+    )
+    overhead.add_argument("--out", type=Path, default=Path("outputs/bench-overhead"), help="folder for the two runs")
+    overhead.add_argument("--rounds", type=int, default=6, help="federated rounds per run (default: 6)")
+    overhead.add_argument("--clients", type=int, default=4, help="simulated clients (default: 4)")
+    overhead.add_argument("--data-dir", help="local Parquet data folder (default: $OTFUSE_DATA_DIR)")
+    overhead.add_argument("--ray-address", metavar="HOST:PORT", help="run on this running Ray cluster")
+    overhead.set_defaults(handler=run_overhead)
+
     from otfuse.bench.config import available_experiments, load_experiment
 
     for name in available_experiments():
@@ -72,6 +110,43 @@ def run_fusion(args: argparse.Namespace) -> int:
     text = "\n\n".join(sections) + "\n"
     (args.out / "results.md").write_text(text, encoding="utf-8")
     console.print(text)
+    return 0
+
+
+def run_strategies(args: argparse.Namespace) -> int:
+    """Run the strategy matrix and write its report into ``args.out``."""
+    from otfuse.bench.strategies import (
+        accuracy_overview,
+        build_matrix,
+        run_matrix,
+        run_summaries,
+        summarise_runs,
+        write_outputs,
+    )
+    from otfuse.cli.errors import CommandError
+
+    try:
+        matrix = build_matrix(quick=args.quick, seeds=args.seeds, strategies=args.strategies,
+                              cases=args.partitionings, rounds=args.rounds)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    console = Console()
+    console.print(f"{matrix.num_runs} runs; finished ones in {args.out} are read, not run again")
+    rounds = run_matrix(matrix, args.out, data_dir=args.data_dir, ray_address=args.ray_address)
+    report = write_outputs(matrix, rounds, args.out, note=args.note)
+    summary = summarise_runs(run_summaries(rounds, matrix.cases))
+    console.print(accuracy_overview(summary, matrix.cases), markup=False)
+    console.print(f"results: {report}")
+    return 0
+
+
+def run_overhead(args: argparse.Namespace) -> int:
+    """Time FedAvg and OTFusion runs and print the per-round breakdown as Markdown."""
+    from otfuse.bench.overhead import markdown, measure
+
+    results = measure(args.out, args.data_dir, rounds=args.rounds, num_clients=args.clients,
+                      ray_address=args.ray_address)
+    Console().print(markdown(results), markup=False)
     return 0
 
 

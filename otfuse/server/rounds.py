@@ -48,7 +48,9 @@ class RoundReporter:
         self.started = time.perf_counter()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        started = time.perf_counter()
         scores = self.evaluator.evaluate(arrays)
+        self.evaluation_seconds = time.perf_counter() - started
         fusion = self._fusion(server_round)
         _log_round(server_round, self.num_rounds, scores, fusion)
         self.writer.append(self._record(server_round, scores, fusion))
@@ -60,7 +62,10 @@ class RoundReporter:
         return self.strategy.history[server_round].as_dict()
 
     def _measurement(self, server_round: int) -> dict[str, Any]:
-        """Return the round's aggregation seconds and array bytes; round 0 has none."""
+        """Return the round's aggregation seconds, array bytes and global evaluation seconds.
+
+        Round 0 has no aggregation and moves no arrays.
+        """
         measurement = RoundMeasurement()
         if isinstance(self.strategy, MeasuredStrategy):
             measurement = self.strategy.measurements.get(server_round, measurement)
@@ -68,6 +73,7 @@ class RoundReporter:
             "aggregation_seconds": measurement.aggregation_seconds,
             "bytes_sent": measurement.bytes_sent,
             "bytes_received": measurement.bytes_received,
+            "evaluation_seconds": self.evaluation_seconds,
         }
 
     def _record(self, server_round: int, scores: dict, fusion: dict[str, Any] | None) -> dict[str, Any]:
