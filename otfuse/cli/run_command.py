@@ -29,6 +29,7 @@ from rich.console import Console
 from otfuse.cli.errors import CommandError
 from otfuse.cli.flower_env import offline_env
 from otfuse.cli.report import accuracy_table
+from otfuse.cli.resume import ResumePoint, find_resume_point, write_federation
 from otfuse.cli.processes import find_executable, free_port
 from otfuse.cli.ray_cluster import RAY_ADDRESS_ENV, check_ray_head, resolve_ray_address
 from otfuse.cli.superlink import LocalSuperLink
@@ -97,6 +98,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument(
+        "--resume",
+        metavar="DIR",
+        help=(
+            "continue the interrupted run whose output folder is DIR after its last complete "
+            "round, with the settings saved in its checkpoint; only --rounds and the run-config "
+            "keys num-server-rounds, round-timeout, min-available-nodes, data-dir and "
+            "checkpoint-keep may change"
+        ),
+    )
+    parser.add_argument(
         "--app", help="folder of the Flower app, with pyproject.toml (default: the otfuse checkout)"
     )
     parser.add_argument(
@@ -121,6 +132,8 @@ class RunPlan:
     quiet: bool
     #: Head address of an existing Ray cluster, or None for a Ray instance per run.
     ray_address: str | None = None
+    #: The last complete round of the run that this one resumes, or None for a new run.
+    resumed_round: int | None = None
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -155,13 +168,18 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     from otfuse.data_partitions import DATA_DIR_ENV, resolve_data_dir
 
     app_dir = find_app_dir(args.app)
-    values = read_app_config(app_dir)
+    # Callers that build the namespace themselves (otfuse bench) may leave the option out.
+    resume = _resume_point(args)
+    values = read_app_config(app_dir) if resume is None else dict(resume.values)
     values.update(parse_run_config_args(args.run_config))
     if args.strategy is not None:
         values[runconfig.STRATEGY.key] = args.strategy
     if args.rounds is not None:
         values[runconfig.NUM_SERVER_ROUNDS.key] = args.rounds
 
+    if resume is not None:
+        values[runconfig.RESUME_FROM.key] = str(resume.output_dir)
+        values[runconfig.OUTPUT_DIR.key] = str(resume.output_dir)
     data_dir_text = args.data_dir or values.get(runconfig.DATA_DIR.key) or os.environ.get(DATA_DIR_ENV)
     if not data_dir_text:
         raise CommandError(
@@ -171,9 +189,13 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     data_dir = resolve_data_dir(Path(data_dir_text).expanduser().resolve())
     values[runconfig.DATA_DIR.key] = str(data_dir)
     config = runconfig.load_run_config(values)
+    if resume is not None:
+        runconfig.check_resume_compatible(resume.values, config)
 
     if args.num_clients is not None:
         num_clients = args.num_clients
+    elif resume is not None and resume.num_clients is not None:
+        num_clients = resume.num_clients
     elif config.get(runconfig.PARTITIONING) == "per-dataset":
         num_clients = len(config.datasets)
     else:
@@ -181,6 +203,11 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     _check_node_counts(config, num_clients)
     if args.client_cpus < 1:
         raise CommandError(f"--client-cpus must be at least 1, got {args.client_cpus}")
+    if resume is not None and resume.num_clients not in (None, num_clients):
+        raise CommandError(
+            f"--num-clients {num_clients} differs from the {resume.num_clients} nodes of the run "
+            "being resumed, which would give the nodes other partitions; leave it out"
+        )
     preflight_data(config, num_clients)
     # Callers that build the namespace themselves (otfuse bench) may leave the option out.
     ray_address = resolve_ray_address(getattr(args, "ray_address", None), os.environ)
@@ -188,7 +215,10 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
         check_ray_head(ray_address)
 
     strategy = config.get(runconfig.STRATEGY)
-    output_dir = _output_dir(args.output_dir or config.get(runconfig.OUTPUT_DIR), strategy)
+    if resume is None:
+        output_dir = _output_dir(args.output_dir or config.get(runconfig.OUTPUT_DIR), strategy)
+    else:
+        output_dir = resume.output_dir
     values = config.to_flower()
     values[runconfig.OUTPUT_DIR.key] = str(output_dir)
     return RunPlan(
@@ -201,7 +231,20 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
         output_dir=output_dir,
         quiet=args.quiet,
         ray_address=ray_address,
+        resumed_round=None if resume is None else resume.server_round,
     )
+
+
+def _resume_point(args: argparse.Namespace) -> ResumePoint | None:
+    location = getattr(args, "resume", None)
+    if location is None:
+        return None
+    if args.output_dir is not None:
+        raise CommandError(
+            "--output-dir cannot be combined with --resume, because a resumed run continues "
+            "in the output folder it resumes"
+        )
+    return find_resume_point(location)
 
 
 def find_app_dir(app: str | None) -> Path:
@@ -316,6 +359,7 @@ def execute(plan: RunPlan, console: Console) -> list[dict[str, Any]]:
 
     state_dir = plan.app_dir / STATE_DIR_NAME
     plan.output_dir.mkdir(parents=True, exist_ok=True)
+    write_federation(plan.output_dir, plan.num_clients, plan.client_cpus)
     superlink_port, control_port = free_port(), free_port()
     env = offline_env(state_dir, superlink_port=superlink_port, control_port=control_port)
     env[DATA_DIR_ENV] = str(plan.data_dir)
@@ -434,7 +478,15 @@ def _completed_records(plan: RunPlan, run_id: int, log_hint: str) -> list[dict[s
     metrics_path = plan.output_dir / METRICS_FILE
     if not metrics_path.is_file():
         raise CommandError(f"run {run_id} completed but wrote no {metrics_path}; {log_hint}")
-    records = [record for record in read_metrics(metrics_path) if record.get("run_id") == run_id]
+    records = read_metrics(metrics_path)
+    if plan.resumed_round is None:
+        records = [record for record in records if record.get("run_id") == run_id]
+    else:
+        # The rounds up to the checkpoint come from the interrupted run, under its run id.
+        records = [
+            record for record in records
+            if record.get("run_id") == run_id or record["round"] <= plan.resumed_round
+        ]
     missing = sorted(set(range(plan.num_rounds + 1)) - {record["round"] for record in records})
     if missing:
         raise CommandError(

@@ -1,23 +1,26 @@
-"""The ServerApp: runs the configured strategy and writes the model and per-round metrics."""
+"""The ServerApp: runs the configured strategy and writes the model, metrics and checkpoints."""
 
 from __future__ import annotations
 
 from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from otfuse.data_partitions import resolve_data_dir
 from otfuse.runconfig import (
+    CHECKPOINT_KEEP,
     DATA_DIR,
     NUM_SERVER_ROUNDS,
     OUTPUT_DIR,
+    RESUME_FROM,
     ROUND_TIMEOUT,
     SEED,
     STRATEGY,
     load_run_config,
 )
+from otfuse.server.checkpoints import CHECKPOINT_DIR, CheckpointStore, load_resume_checkpoint
 from otfuse.server.evaluation import GlobalEvaluator
 from otfuse.server.outputs import (
     MODEL_FILE,
@@ -26,6 +29,7 @@ from otfuse.server.outputs import (
     resolve_output_dir,
     write_json,
 )
+from otfuse.server.loop import run_rounds
 from otfuse.server.rounds import RoundReporter
 from otfuse.strategies import ClientMetricsLog, build_strategy
 from otfuse.task import run_model
@@ -35,7 +39,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Train for ``num-server-rounds`` rounds from a seeded initial model."""
+    """Train for ``num-server-rounds`` rounds from a seeded initial model or a checkpoint."""
     config = load_run_config(context.run_config)
     strategy_name = config.get(STRATEGY)
     num_rounds = config.get(NUM_SERVER_ROUNDS)
@@ -50,7 +54,7 @@ def main(grid: Grid, context: Context) -> None:
         config, train_metrics_aggr_fn=train_log, evaluate_metrics_aggr_fn=evaluate_log
     )
     task = run_model(config)
-    initial_arrays = ArrayRecord(task.exchanged_state(task.build(seed=config.get(SEED))))
+    arrays = ArrayRecord(task.exchanged_state(task.build(seed=config.get(SEED))))
     reporter = RoundReporter(
         run_id=context.run_id,
         strategy_name=strategy_name,
@@ -61,22 +65,44 @@ def main(grid: Grid, context: Context) -> None:
         train_log=train_log,
         evaluate_log=evaluate_log,
     )
+    store = CheckpointStore(output_dir / CHECKPOINT_DIR, keep=config.get(CHECKPOINT_KEEP), write=task.save)
 
-    result = strategy.start(
+    def finish_round(server_round: int, round_arrays: ArrayRecord) -> None:
+        reporter(server_round, round_arrays)
+        store.save(
+            server_round,
+            round_arrays.to_torch_state_dict(),
+            run_config=config.to_flower(),
+            strategy_state=strategy.state_dict(),
+            metrics=reporter.records,
+        )
+
+    log(INFO, "Starting %s strategy:", type(strategy).__name__)
+    strategy.summary()
+    if config.get(RESUME_FROM):
+        checkpoint = load_resume_checkpoint(config.get(RESUME_FROM), config, arrays.to_torch_state_dict())
+        arrays = ArrayRecord(checkpoint.state_dict)
+        strategy.load_state_dict(checkpoint.strategy_state)
+        reporter.records = list(checkpoint.metrics)
+        writer.rewrite(reporter.records)
+        first_round = checkpoint.server_round + 1
+        log(INFO, "Resuming after round %d from %s", checkpoint.server_round, checkpoint.path)
+    else:
+        finish_round(0, arrays)
+        first_round = 1
+
+    arrays = run_rounds(
+        strategy,
         grid,
-        initial_arrays,
+        arrays,
+        first_round=first_round,
         num_rounds=num_rounds,
         timeout=config.get(ROUND_TIMEOUT),
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-        evaluate_fn=reporter,
+        on_round_end=finish_round,
     )
-
-    # Result.arrays stays empty when no round produced a model.
-    final_arrays = result.arrays if len(result.arrays) else initial_arrays
     model_path = task.save(
         output_dir / MODEL_FILE,
-        final_arrays.to_torch_state_dict(),
+        arrays.to_torch_state_dict(),
         metadata={"otfuse.strategy": strategy_name, "otfuse.num_rounds": str(num_rounds)},
     )
     log(INFO, "Wrote the final model to %s and the metrics to %s", model_path, writer.path)

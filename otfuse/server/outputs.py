@@ -39,21 +39,31 @@ class MetricsWriter:
         self.path = output_dir / METRICS_FILE
 
     def append(self, record: Mapping[str, Any]) -> None:
-        line = json.dumps(_json_safe(record), allow_nan=False) + "\n"
+        line = json.dumps(json_safe(record), allow_nan=False) + "\n"
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
 
+    def rewrite(self, records: list[Mapping[str, Any]]) -> None:
+        """Replace the file with ``records``, through a synced temporary file and a rename."""
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        with open(temporary, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.path)
 
-def _json_safe(value: Any) -> Any:
-    # JSON has no NaN or infinity; a diverged loss is written as null.
+
+def json_safe(value: Any) -> Any:
+    """Return ``value`` with NaN and infinite floats as None, because JSON has neither."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Mapping):
-        return {str(key): _json_safe(item) for key, item in value.items()}
+        return {str(key): json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
 
 

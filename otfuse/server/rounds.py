@@ -14,15 +14,16 @@ from flwr.serverapp.strategy import Strategy
 from otfuse.server.evaluation import OVERALL, GlobalEvaluator, scores_to_metric_record
 from otfuse.server.outputs import MetricsWriter
 from otfuse.strategies.measured import MeasuredStrategy, RoundMeasurement
-from otfuse.strategies import ClientMetricsLog, OTFusion
+from otfuse.strategies import ClientMetricsLog, ValidatedFedAvg
 
 
 class RoundReporter:
     """Evaluate the global model after each round, log a summary line and append a record.
 
-    Flower's ``Strategy.start`` calls an instance as ``evaluate_fn(server_round, arrays)``
-    for round 0 (the initial model) and after the aggregation and client evaluation of
-    every later round, so the strategy's logs for that round are complete at this point.
+    Call an instance as ``reporter(server_round, arrays)`` for round 0 (the initial model)
+    and after the aggregation and client evaluation of every later round, when the
+    strategy's logs for that round are complete. ``records`` keeps every record written,
+    for the round checkpoints.
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class RoundReporter:
         self.train_log = train_log
         self.evaluate_log = evaluate_log
         self.started = time.perf_counter()
+        self.records: list[dict[str, Any]] = []
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         started = time.perf_counter()
@@ -53,11 +55,13 @@ class RoundReporter:
         self.evaluation_seconds = time.perf_counter() - started
         fusion = self._fusion(server_round)
         _log_round(server_round, self.num_rounds, scores, fusion)
-        self.writer.append(self._record(server_round, scores, fusion))
+        record = self._record(server_round, scores, fusion)
+        self.writer.append(record)
+        self.records.append(record)
         return scores_to_metric_record(scores)
 
     def _fusion(self, server_round: int) -> dict[str, Any] | None:
-        if not isinstance(self.strategy, OTFusion) or server_round not in self.strategy.history:
+        if not isinstance(self.strategy, ValidatedFedAvg) or server_round not in self.strategy.history:
             return None
         return self.strategy.history[server_round].as_dict()
 
@@ -99,7 +103,7 @@ def _log_round(server_round: int, num_rounds: int, scores: dict, fusion: dict[st
     accuracies = " | ".join(f"{name} {values['accuracy']:.3f}" for name, values in scores.items())
     if fusion is None:
         fusion_text = ""
-    elif fusion["seconds"] is None:
+    elif fusion["seconds"] is None or fusion["error"] is not None:
         fusion_text = " | nothing fused, previous model kept"
     else:
         fusion_text = f" | fusion {fusion['seconds']:.2f} s"
