@@ -158,8 +158,8 @@ def _examples(value):
     return lambda reply, _: with_metrics(reply, **{"num-examples": value})
 
 
-# Each row turns node 103's good reply into a bad one; the second value is the tensor that
-# the log line and the report must name, if the fault is in one tensor.
+# Each row turns node 103's good reply into a bad one. The second value is the tensor that
+# the log line and the report must name when the fault is in one tensor.
 MALFORMED = [
     pytest.param(_missing_tensor, "head.bias", id="missing-tensor"),
     pytest.param(_extra_tensor, "extra.weight", id="extra-tensor"),

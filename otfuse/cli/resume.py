@@ -1,7 +1,7 @@
 """``otfuse run --resume DIR``: continue an interrupted run from its last round checkpoint.
 
 The settings of the resumed run are those saved in the checkpoint, so the command line
-repeats none of them; it may change only the keys in
+repeats none of them. It may change only the keys in
 :data:`otfuse.runconfig.RESUMABLE_KEYS`, such as the number of rounds. The number of
 simulated nodes, which decides the partitions, is read from ``federation.json``, which
 ``otfuse run`` writes into every output folder.
@@ -21,7 +21,7 @@ FEDERATION_FILE = "federation.json"
 
 @dataclass(frozen=True)
 class ResumePoint:
-    """What a resumed run starts from: the saved settings, the last round and the node count."""
+    """Starting point of a resumed run: the saved settings, the last round and the node count."""
 
     output_dir: Path
     values: dict[str, Any]
@@ -32,7 +32,7 @@ class ResumePoint:
 def find_resume_point(location: str) -> ResumePoint:
     """Read the newest readable round checkpoint under ``location``, a run's output folder.
 
-    Raises :class:`CommandError` when the folder holds no usable checkpoint.
+    Raises :class:`CommandError` when the folder contains no usable checkpoint.
     """
     from otfuse.models.checkpoint import CheckpointError
     from otfuse.server.checkpoints import latest_checkpoint

@@ -3,7 +3,7 @@
 Each round's checkpoint is one safetensors file, ``round-NNNNN.safetensors``, written to a
 temporary file and renamed (see :func:`otfuse.models.checkpoint.save_checkpoint`), so a
 crash leaves either the previous set of files or a complete new one. The tensors are the
-global model; the file's metadata holds the model config, the run config, the strategy
+global model, and the file's metadata contains the model config, the run config, the strategy
 state and every metrics record up to that round as JSON.
 """
 
@@ -148,7 +148,7 @@ def latest_checkpoint(location: str | os.PathLike) -> RoundCheckpoint:
     Raises
     ------
     CheckpointError
-        If ``location`` holds no round checkpoint, or none of them is readable.
+        If ``location`` contains no round checkpoint, or none of them is readable.
     """
     location = Path(location).expanduser()
     if location.is_file():

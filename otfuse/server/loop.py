@@ -35,7 +35,7 @@ def run_rounds(
 
     A round whose aggregation returns no arrays keeps the global model it started with.
     ``timeout`` bounds the wait for the replies of each training and evaluation phase, in
-    seconds; nodes that have not replied by then are left out of that phase.
+    seconds. Nodes that have not replied by then are left out of that phase.
     """
     if first_round > num_rounds:
         log(INFO, "No round left to run: the run already finished round %d", num_rounds)

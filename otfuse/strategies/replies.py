@@ -41,7 +41,7 @@ class ReplyError(ValueError):
 
 @dataclass(frozen=True)
 class ReplyLimits:
-    """What a training reply must satisfy to be fused.
+    """Limits that a training reply must meet to be fused.
 
     Parameters
     ----------

@@ -25,8 +25,8 @@ class RoundFusion:
 
     ``dropped_nodes`` sent replies that failed the checks (``rejections`` gives each node,
     tensor and reason), ``failed_nodes`` sent error replies, and ``missing_nodes`` were
-    sampled but sent nothing before the round timeout. ``skipped`` says why a round kept the
-    global model although replies arrived.
+    sampled but sent nothing before the round timeout. ``skipped`` gives the reason why a
+    round kept the global model although replies arrived.
     """
 
     num_models: int = 0
@@ -54,7 +54,7 @@ class ValidatedFedAvg(FedAvg):
     """Flower's FedAvg, averaging only the replies that pass :mod:`otfuse.strategies.replies`.
 
     Sampling, messages and the weighted mean are FedAvg's. Before averaging, every training
-    reply is checked against the global model sent out in the round; a reply that fails is
+    reply is checked against the global model sent out in the round. A reply that fails is
     left out with a log line naming the node, the tensor and the reason. Error replies and
     sampled nodes that sent nothing are logged by node id. With fewer than
     ``min_train_replies`` usable replies the round is skipped and the global model stays.
@@ -148,8 +148,8 @@ class ValidatedFedAvg(FedAvg):
     ) -> tuple[RoundFusion, list[TrainUpdate]]:
         """Check the round's replies and return its report and the updates to fuse.
 
-        The list is empty when fewer than ``min_train_replies`` replies are usable; the
-        report then says why the round was skipped.
+        The list is empty when fewer than ``min_train_replies`` replies are usable, and the
+        report then gives the reason.
         """
         if self._global_arrays is None:
             raise RuntimeError(
