@@ -2,11 +2,12 @@
 
 Flower 1.42 and Ray 2.55 contact outside services unless switched off: Flower's CLI and
 SuperLink post telemetry and a daily update check, the local SuperLink installs the app's
-dependencies with ``uv sync`` (which downloads packages), Ray reports usage statistics, and
+dependencies with ``uv sync`` (which downloads packages), Ray reports usage statistics,
 Ray's dashboard process asks cloud metadata services (169.254.169.254) for a cluster config
-unless ``$HOME/ray_bootstrap_config.yaml`` exists. The variables below switch all of that
-off. A SuperLink reads them when it starts and passes them to the simulation it runs, so
-they must be set before the SuperLink is started.
+unless ``$HOME/ray_bootstrap_config.yaml`` exists, and Ray finds its node address with a UDP
+connect to 8.8.8.8. The variables below switch all of that off. A SuperLink reads them when
+it starts and passes them to the simulation it runs, so they must be set before the
+SuperLink is started.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+
+#: Ray's documented switch for multi-node clusters on Windows and macOS; on Linux, 0 keeps
+#: every Ray process on the loopback address.
+RAY_LOCAL_NODE_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 #: Switches that do not depend on any path.
 OFFLINE_SWITCHES: dict[str, str] = {
@@ -25,6 +30,11 @@ OFFLINE_SWITCHES: dict[str, str] = {
     "RAY_USAGE_STATS_ENABLED": "0",
     # Silences a FutureWarning that Ray prints on every start.
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    # Ray's single-machine mode, the default on Windows and macOS: the node address is
+    # 127.0.0.1 instead of the interface that a UDP connect to 8.8.8.8 picks (Ray 2.55,
+    # ray._private.services.get_node_ip_address). Remove it to attach to a cluster of
+    # several machines.
+    RAY_LOCAL_NODE_SWITCH: "0",
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",

@@ -27,7 +27,7 @@ from typing import Any
 from rich.console import Console
 
 from otfuse.cli.errors import CommandError
-from otfuse.cli.flower_env import offline_env
+from otfuse.cli.flower_env import RAY_LOCAL_NODE_SWITCH, offline_env
 from otfuse.cli.report import accuracy_table
 from otfuse.cli.resume import ResumePoint, find_resume_point, write_federation
 from otfuse.cli.processes import find_executable, free_port
@@ -368,6 +368,8 @@ def execute(plan: RunPlan, console: Console) -> list[dict[str, Any]]:
     env.pop(RAY_ADDRESS_ENV, None)
     if plan.ray_address is not None:
         env[RAY_ADDRESS_ENV] = plan.ray_address
+        # The cluster's nodes may be other machines, which a loopback node address excludes.
+        env.pop(RAY_LOCAL_NODE_SWITCH, None)
     # A Flower home per run keeps parallel runs from sharing a config file or app folder.
     flwr_home = Path(tempfile.mkdtemp(prefix="flwr-home-", dir=state_dir))
     env["FLWR_HOME"] = str(flwr_home)
