@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -408,6 +409,30 @@ class Deployment:
             "--superexec-auth-secret-file", secret,
         ])
 
+    def start_missing_supernodes(self) -> None:
+        """Start every SuperNode (with its SuperExec) that is not running, then wait for all."""
+        for partition_id, name in enumerate(SUPERNODES):
+            process = self.processes.get(name)
+            if process is None or process.poll() is not None:
+                self.start_supernode(partition_id)
+        self.wait_for(lambda: self.online_nodes() == NUM_SUPERNODES, "3 online SuperNodes", "superlink")
+
+    def crash(self, *names: str) -> None:
+        """SIGKILL the named processes and their process groups, as a power loss would."""
+        for name in names:
+            process = self.processes[name]
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
+
+    def node_id(self, name: str) -> int:
+        """Return the node id that the SuperNode ``name`` logged when it joined."""
+        match = re.search(r"SuperNode ID: (\d+)", self.log(name))
+        assert match, f"{name} has not logged its node id:\n{self.log(name)[-2000:]}"
+        return int(match.group(1))
+
     def flwr(self, *arguments: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(
             [find_executable("flwr"), *arguments],
@@ -497,6 +522,67 @@ def test_tls_deployment_runs_two_rounds(deployment, data_dir):
     assert records[-1]["fusion"]["num_models"] == NUM_SUPERNODES
     assert records[-1]["fusion"]["dropped_nodes"] == []
     assert len(records[-1]["client_train"]) == NUM_SUPERNODES
+
+
+def wait_for_round(metrics_path: Path, server_round: int, run: subprocess.Popen) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if metrics_path.is_file() and any(record["round"] >= server_round for record in read_metrics(metrics_path)):
+            return
+        assert run.poll() is None, f"flwr run exited with {run.returncode} before round {server_round}"
+        time.sleep(POLL_SECONDS)
+    pytest.fail(f"round {server_round} did not finish within {RUN_TIMEOUT_SECONDS} s")
+
+
+@pytest.mark.slow
+def test_killed_supernode_leaves_others_fused(deployment, data_dir):
+    deployment.start_missing_supernodes()
+    victim = SUPERNODES[1]
+    victim_id = deployment.node_id(victim)
+    output_dir = deployment.root / "outputs-killed-node"
+    rounds = 3
+    values = small_run_config(
+        data_dir,
+        **{
+            "num-server-rounds": rounds,
+            "min-train-nodes": 2,
+            "min-available-nodes": 2,
+            "min-train-replies": 2,
+            # A bound for the wait if the SuperLink never reported the lost node.
+            "round-timeout": 300.0,
+            "output-dir": str(output_dir),
+        },
+    )
+    run = subprocess.Popen(
+        [find_executable("flwr"), "run", str(REPOSITORY), TLS_CONNECTION, "--stream",
+         "--run-config", run_config_line(values)],
+        env=deployment.env, cwd=deployment.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        # Round 2 starts as soon as round 1 is recorded, so the node dies during round 2.
+        wait_for_round(output_dir / "metrics.jsonl", 1, run)
+        deployment.crash(victim, CLIENTAPP_SUPEREXECS[1])
+        output, _ = run.communicate(timeout=RUN_TIMEOUT_SECONDS)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+
+    match = run_command.RUN_ID_PATTERN.search(output)
+    assert match, output[-3000:]
+    status, details = run_command.run_status(deployment.env, int(match.group(1)), TLS_CONNECTION)
+    assert status == run_command.COMPLETED, f"{status} {details}\n{output[-3000:]}\n{deployment.logs_tail()}"
+    assert f"lost node {victim_id} in round 2" in output, output[-5000:]
+    records = read_metrics(output_dir / "metrics.jsonl")
+    assert [record["round"] for record in records] == list(range(rounds + 1))
+    assert records[1]["fusion"]["num_models"] == NUM_SUPERNODES
+    round_2, round_3 = records[2]["fusion"], records[3]["fusion"]
+    assert round_2["num_models"] == NUM_SUPERNODES - 1
+    assert victim_id in round_2["failed_nodes"] + round_2["missing_nodes"]
+    assert round_2["skipped"] is None
+    assert round_3["num_models"] == NUM_SUPERNODES - 1
+    assert round_3["skipped"] is None
+    assert len(records[3]["client_train"]) == NUM_SUPERNODES - 1
 
 
 @pytest.mark.slow
