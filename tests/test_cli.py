@@ -89,6 +89,14 @@ def test_too_few_clients_for_minimum(capsys, data_dir):
     assert_one_line_error(status, error, "'min-available-nodes'", "wait forever")
 
 
+def test_more_replies_than_clients(capsys, data_dir):
+    status, error = run_otfuse(
+        capsys, "--data-dir", str(data_dir), "--num-clients", "3", "--run-config", "min-train-replies=4"
+    )
+
+    assert_one_line_error(status, error, "'min-train-replies' is 4", "every round would be skipped")
+
+
 def test_per_dataset_client_count_mismatch(capsys, data_dir):
     status, error = run_otfuse(capsys, "--data-dir", str(data_dir), "--num-clients", "4")
 

@@ -305,6 +305,12 @@ def _check_node_counts(config: Any, num_clients: int) -> None:
                 f"run-config key {setting.key!r} is {config.get(setting)} but the simulation has "
                 f"{num_clients} nodes, so the server would wait forever; lower it or raise --num-clients"
             )
+    replies = config.get(runconfig.MIN_TRAIN_REPLIES)
+    if replies > num_clients:
+        raise CommandError(
+            f"run-config key {runconfig.MIN_TRAIN_REPLIES.key!r} is {replies} but the simulation has "
+            f"{num_clients} nodes, so every round would be skipped; lower it or raise --num-clients"
+        )
 
 
 def preflight_data(config: Any, num_clients: int) -> None:
