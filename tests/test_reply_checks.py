@@ -9,6 +9,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+import otfuse.strategies.otfusion as otfusion_module
 from flower_helpers import FixedNodesGrid, initial_arrays, run_clients, set_task_identity, tiny_run_config
 from otfuse.fusion import FusionOptions
 from otfuse.runconfig import load_run_config
@@ -353,3 +354,22 @@ def test_state_dict_of_other_strategy_rejected(run_config):
 
     with pytest.raises(ValueError, match="belongs to 'ValidatedFedAvg'"):
         build_strategy(run_config).load_state_dict(fedavg.state_dict())
+
+
+def test_non_finite_fusion_keeps_model(run_config, global_arrays, replies, monkeypatch, caplog):
+    strategy = configured(run_config, global_arrays)
+    real_fuse = otfusion_module.fuse
+
+    def fuse_with_nan(*args, **kwargs):
+        result = real_fuse(*args, **kwargs)
+        result.state_dict["head.bias"] = torch.full_like(result.state_dict["head.bias"], float("nan"))
+        return result
+
+    monkeypatch.setattr(otfusion_module, "fuse", fuse_with_nan)
+
+    with caplog.at_level(logging.ERROR, logger="flwr"):
+        arrays, _ = strategy.aggregate_train(1, replies)
+
+    assert arrays is None
+    assert strategy.history[1].error == "fused tensor 'head.bias' contains NaN or infinite values"
+    assert "fusion failed in round 1" in caplog.text
