@@ -60,9 +60,9 @@ def test_unknown_dataset(capsys, data_dir):
 
 
 def test_unknown_strategy(capsys, data_dir):
-    status, error = run_otfuse(capsys, "--data-dir", str(data_dir), "--strategy", "fedprox")
+    status, error = run_otfuse(capsys, "--data-dir", str(data_dir), "--strategy", "fedbanana")
 
-    assert_one_line_error(status, error, "'strategy'", "'fedprox'", "'otfusion', 'fedavg'")
+    assert_one_line_error(status, error, "'strategy'", "'fedbanana'", "'otfusion', 'fedavg'")
 
 
 def test_wrong_value_type(capsys, data_dir):
