@@ -291,8 +291,9 @@ def translate(
 
 
 def score_translations(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Return corpus BLEU and chrF (sacrebleu defaults: 13a tokenisation, chrF with n = 6, beta = 2).
+    """Return corpus BLEU and chrF with sacrebleu 2.x defaults.
 
+    BLEU uses the 13a tokenisation, and chrF character 6-grams with beta 2.
     Both arguments are detokenised strings: decoded model output and raw reference sentences.
     """
     if len(hypotheses) != len(references):
