@@ -178,6 +178,8 @@ def _read_hub(name: str, corpus: ParallelCorpus, split: str) -> pd.DataFrame:
             f"corpus {name!r} has no Hugging Face Hub copy with its splits; pass data_dir or set "
             f"{DATA_DIR_ENV} to the folder that contains {name}/{split}.parquet"
         )
+    # NOTE: this path has not been run against the Hub. The mapping follows the dataset card
+    # of bentrevett/multi30k: columns en and de, splits train, validation and test.
     # Imported here because the library is large and only the Hub path needs it.
     import datasets
 
