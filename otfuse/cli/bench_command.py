@@ -67,6 +67,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     overhead.add_argument("--ray-address", metavar="HOST:PORT", help="run on this running Ray cluster")
     overhead.set_defaults(handler=run_overhead)
 
+    translation = benchmarks.add_parser(
+        "translation",
+        help="fuse encoder-decoder translation models (Tatoeba Finnish to English), scored with BLEU and chrF",
+        description="Parents trained on IID and sentence-length shards of Tatoeba, fused with plain averaging "
+        "and OT (hard, soft, whole model or decoder only), with and without fine-tuning.",
+    )
+    translation.add_argument("--out", type=Path, default=Path("outputs/bench-translation"), help="output folder")
+    translation.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one full run each")
+    translation.add_argument("--size", choices=("default", "tiny"), default="default", help="experiment size")
+    translation.add_argument("--data-dir", type=Path, help="local Parquet data folder (default: $OTFUSE_DATA_DIR)")
+    translation.set_defaults(handler=run_translation)
+
     from otfuse.bench.config import available_experiments, load_experiment
 
     for name in available_experiments():
@@ -163,4 +175,18 @@ def run_experiment_command(args: argparse.Namespace) -> int:
     modes = config.modes if args.mode == "all" else (args.mode,)
     report = run_experiment(config, args.out, data_dir=args.data_dir, modes=modes)
     Console().print(f"results: {report}")
+    return 0
+
+
+def run_translation(args: argparse.Namespace) -> int:
+    """Run the translation experiment and print where its results are."""
+    import shlex
+    import sys
+
+    from otfuse.bench.translation import run_translation_experiment
+
+    command = "otfuse " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
+    results = run_translation_experiment(args.out, seeds=args.seeds, size=args.size,
+                                         data_dir=args.data_dir, command=command)
+    Console().print(f"results: {', '.join(str(path) for path in results.files.values())}")
     return 0
