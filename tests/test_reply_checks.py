@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.serverapp.strategy import FedAvg
 
 import otfuse.strategies.otfusion as otfusion_module
@@ -245,6 +246,26 @@ def test_error_reply_names_lost_node(run_config, global_arrays, replies, strateg
     assert strategy.history[1].failed_nodes == [104]
     assert "Received 3 results and 1 failures" in caplog.text
     assert "lost node 104 in round 1: error reply (code 0: client crashed)" in caplog.text
+
+
+def test_superlink_error_names_lost_node(run_config, global_arrays, replies, caplog):
+    strategy = build_strategy(run_config)
+    instructions = list(strategy.configure_train(1, global_arrays, ConfigRecord(), FixedNodesGrid((*NODE_IDS, 104))))
+    for index, instruction in enumerate(instructions):
+        # The Grid sets each instruction's id when it sends it.
+        instruction.metadata.__dict__["_message_id"] = f"instruction-{index}"
+    lost = next(instruction for instruction in instructions if instruction.metadata.dst_node_id == 104)
+    # The reply that Flower's SuperLink sends, from its own node id, for a node it lost.
+    unavailable = create_message_error_unavailable_res_message(lost.metadata, "node_unavail")
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, _ = strategy.aggregate_train(1, [*replies, unavailable])
+
+    assert unavailable.metadata.src_node_id != 104
+    assert arrays is not None
+    assert strategy.history[1].failed_nodes == [104]
+    assert strategy.history[1].missing_nodes == []
+    assert "lost node 104 in round 1: error reply" in caplog.text
 
 
 def test_missing_reply_names_lost_node(run_config, global_arrays, replies, caplog):

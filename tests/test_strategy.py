@@ -187,7 +187,7 @@ def test_configure_train_matches_fedavg(run_config, global_arrays):
         assert message.content["config"]["server-round"] == 2
         assert message.content["arrays"] is global_arrays
     assert strategy._global_arrays is global_arrays
-    assert strategy._sampled_nodes == [m.metadata.dst_node_id for m in ours]
+    assert strategy._instructions == ours
 
 
 def test_fedavg_helper_signature_pinned():

@@ -85,7 +85,7 @@ class ValidatedFedAvg(FedAvg):
         self.min_train_replies = min_train_replies
         self.history: dict[int, RoundFusion] = {}
         self._global_arrays: ArrayRecord | None = None
-        self._sampled_nodes: list[int] = []
+        self._instructions: list[Message] = []
 
     def summary(self) -> None:
         """Log FedAvg's settings and the reply checks."""
@@ -99,11 +99,12 @@ class ValidatedFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the global model and the sampled nodes, then configure as FedAvg."""
+        """Remember the global model and the instructions, then configure as FedAvg."""
         self._global_arrays = arrays
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self._sampled_nodes = [message.metadata.dst_node_id for message in messages]
-        return messages
+        # The Grid gives these Message objects their ids when it sends them, which lets
+        # aggregate_train find the node that an error reply of the SuperLink is about.
+        self._instructions = list(super().configure_train(server_round, arrays, config, grid))
+        return self._instructions
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -177,7 +178,7 @@ class ValidatedFedAvg(FedAvg):
             )
         if len(screening.accepted) < self.min_train_replies:
             report.skipped = (
-                f"{len(screening.accepted)} usable replies from {len(self._sampled_nodes)} "
+                f"{len(screening.accepted)} usable replies from {len(self._instructions)} "
                 f"sampled nodes, fewer than min-train-replies={self.min_train_replies}"
             )
             log(
@@ -192,21 +193,34 @@ class ValidatedFedAvg(FedAvg):
         self, server_round: int, replies: list[Message], errors: list[Message], report: RoundFusion
     ) -> None:
         for message in errors:
-            node_id = message.metadata.src_node_id
+            node_id = self._reply_origin(message)
             report.failed_nodes.append(node_id)
             log(
                 WARNING,
                 "aggregate_train: lost node %d in round %d: error reply (code %d: %s)",
                 node_id, server_round, message.error.code, message.error.reason,
             )
-        replied = {message.metadata.src_node_id for message in replies}
-        report.missing_nodes = [node for node in self._sampled_nodes if node not in replied]
+        replied = {self._reply_origin(message) for message in replies}
+        sampled = [message.metadata.dst_node_id for message in self._instructions]
+        report.missing_nodes = [node for node in sampled if node not in replied]
         for node_id in report.missing_nodes:
             log(
                 WARNING,
                 "aggregate_train: lost node %d in round %d: no reply before the round timeout",
                 node_id, server_round,
             )
+
+    def _reply_origin(self, reply: Message) -> int:
+        """Return the node that ``reply`` answers for.
+
+        Flower's SuperLink sends the error reply for a node it lost (no heartbeat) from its
+        own id, 1, so the node is found through the instruction that the reply answers.
+        """
+        for instruction in self._instructions:
+            message_id = instruction.metadata.message_id
+            if message_id and message_id == reply.metadata.reply_to_message_id:
+                return instruction.metadata.dst_node_id
+        return reply.metadata.src_node_id
 
     def state_dict(self) -> dict[str, Any]:
         """Return the strategy's state as JSON-serialisable values, for checkpoints."""
