@@ -234,8 +234,9 @@ FEDAVGM_SERVER_MOMENTUM = _setting(
     minimum=0.0, maximum=1.0,
 )
 FEDOPT_ETA = _setting(
-    "fedopt.eta", float, 1e-3,
-    "Strategies 'fedadam' and 'fedyogi': server learning rate.",
+    "fedopt.eta", float, 1e-2,
+    "Strategies 'fedadam' and 'fedyogi': server learning rate. Each round moves every weight "
+    "by up to about eta, so 0.001 barely changes the default model in a few rounds.",
     minimum=0.0, exclusive_minimum=True,
 )
 FEDOPT_BETA_1 = _setting(

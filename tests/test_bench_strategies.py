@@ -269,11 +269,13 @@ def test_tiny_matrix_end_to_end_and_resume(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "bench"
     started = []
 
-    rounds = bench.run_matrix(TINY_MATRIX, out, data_dir, show_progress=False,
+    result = bench.run_matrix(TINY_MATRIX, out, data_dir, show_progress=False,
                               on_run=lambda case, strategy, seed: started.append(strategy))
-    report = bench.write_outputs(TINY_MATRIX, rounds, out, command="otfuse bench strategies (test)")
+    report = bench.write_outputs(TINY_MATRIX, result, out, command="otfuse bench strategies (test)")
+    rounds = result.rounds
 
     assert started == ["fedavg", "otfusion-hard"]
+    assert result.failures == []
     overall = rounds[rounds["test_set"] == "overall"]
     assert sorted(set(overall["round"])) == [0, 1, 2]
     federated = overall[overall["round"] > 0]
@@ -295,6 +297,8 @@ def test_tiny_matrix_end_to_end_and_resume(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(run_command, "execute", no_simulation)
     again = bench.run_matrix(TINY_MATRIX, out, data_dir, show_progress=False)
     bench.write_outputs(TINY_MATRIX, again, out, command="otfuse bench strategies (test)")
+
+    assert again.failures == []
 
     assert (out / "rounds.csv").read_text(encoding="utf-8") == first_rounds
     assert report_without_header(out / "results.md") == first_report
@@ -329,3 +333,34 @@ def test_overhead_phases_add_up():
     assert times.round_aggregation == pytest.approx(0.5)
     assert times.round_evaluation == pytest.approx(0.25)
     assert times.round_overhead == pytest.approx(2.25)
+
+
+def test_failed_run_left_out_and_listed(tmp_path, monkeypatch):
+    from otfuse.cli.errors import CommandError
+
+    def fake_run_one(config, strategy, seed, out_dir, data_dir=None, ray_address=None):
+        if strategy == "otfusion-hard":
+            raise CommandError("run 7 ended with status 'finished:failed'")
+        return [{"round": 0, "overall": {"accuracy": 0.5}, "datasets": {}},
+                {"round": 1, "overall": {"accuracy": 0.6}, "datasets": {}}]
+
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+
+    result = bench.run_matrix(TINY_MATRIX, tmp_path, show_progress=False)
+    report = bench.write_outputs(TINY_MATRIX, result, tmp_path, command="test")
+
+    assert set(result.rounds["strategy"]) == {"fedavg"}
+    assert result.failures == ["iid otfusion-hard seed 0: run 7 ended with status 'finished:failed'"]
+    assert "1 runs failed and are left out" in report.read_text(encoding="utf-8")
+
+
+def test_signal_stops_matrix(tmp_path, monkeypatch):
+    from otfuse.cli.errors import CommandError
+
+    def terminated(*args, **kwargs):
+        raise CommandError("terminated by SIGTERM", exit_code=143)
+
+    monkeypatch.setattr(bench, "run_one", terminated)
+
+    with pytest.raises(CommandError, match="SIGTERM"):
+        bench.run_matrix(TINY_MATRIX, tmp_path, show_progress=False)

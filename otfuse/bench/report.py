@@ -111,7 +111,8 @@ def plot_bars(summary: pd.DataFrame, path: Path, metric: str = "accuracy", title
               log_scale: bool = False) -> Path:
     """Bar chart of ``metric`` per model, one group of bars per test set, with std error bars.
 
-    ``log_scale`` puts the value axis on a log scale, for metrics that span decades.
+    ``log_scale`` puts the value axis on a log scale, for metrics that span decades; it
+    needs a positive mean, so without one the axis stays linear.
     """
     test_sets = list(dict.fromkeys(summary["test_set"]))
     models = list(dict.fromkeys(summary["model"]))
@@ -123,7 +124,7 @@ def plot_bars(summary: pd.DataFrame, path: Path, metric: str = "accuracy", title
         axes.bar(positions, part[f"{metric}_mean"], width, yerr=part[f"{metric}_std"].fillna(0), label=model)
     axes.set_xticks(np.arange(len(test_sets)) + width * (len(models) - 1) / 2, test_sets)
     axes.set_ylabel(metric)
-    if log_scale:
+    if log_scale and (summary[f"{metric}_mean"] > 0).any():
         axes.set_yscale("log")
     else:
         low = np.nanmin(summary[f"{metric}_mean"]) if metric != "ece" else 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
+import signal
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -144,12 +145,30 @@ def run_strategies(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     console = Console()
     console.print(f"{matrix.num_runs} runs; finished ones in {args.out} are read, not run again")
-    rounds = run_matrix(matrix, args.out, data_dir=args.data_dir, ray_address=args.ray_address)
-    report = write_outputs(matrix, rounds, args.out, note=args.note)
-    summary = summarise_runs(run_summaries(rounds, matrix.cases))
+    # As in otfuse run: raising on SIGTERM unwinds through the running simulation's cleanup,
+    # which stops its SuperLink; without a handler the SuperLink would keep running.
+    previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        result = run_matrix(matrix, args.out, data_dir=args.data_dir, ray_address=args.ray_address)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    try:
+        report = write_outputs(matrix, result, args.out, note=args.note)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    summary = summarise_runs(run_summaries(result.rounds, matrix.cases))
     console.print(accuracy_overview(summary, matrix.cases), markup=False)
     console.print(f"results: {report}")
+    if result.failures:
+        console.print(f"{len(result.failures)} runs failed; run the command again to retry them", markup=False)
+        return 1
     return 0
+
+
+def _raise_on_sigterm(signal_number: int, _frame: object) -> None:
+    from otfuse.cli.errors import CommandError
+
+    raise CommandError("terminated by SIGTERM", exit_code=128 + signal_number)
 
 
 def run_overhead(args: argparse.Namespace) -> int:
