@@ -354,6 +354,24 @@ def test_failed_run_left_out_and_listed(tmp_path, monkeypatch):
     assert "1 runs failed and are left out" in report.read_text(encoding="utf-8")
 
 
+def test_repeated_failures_stop_matrix(tmp_path, monkeypatch):
+    from otfuse.cli.errors import CommandError
+
+    calls = []
+
+    def broken(config, strategy, seed, *args, **kwargs):
+        calls.append(strategy)
+        raise CommandError("the local SuperLink exited with code 3 at start")
+
+    monkeypatch.setattr(bench, "run_one", broken)
+    matrix = replace(TINY_MATRIX, strategies=("fedavg", "fedprox", "fedmedian", "otfusion-hard"))
+
+    with pytest.raises(CommandError, match="3 runs in a row failed, the last with: the local SuperLink"):
+        bench.run_matrix(matrix, tmp_path, show_progress=False)
+
+    assert calls == ["fedavg", "fedprox", "fedmedian"]
+
+
 def test_signal_stops_matrix(tmp_path, monkeypatch):
     from otfuse.cli.errors import CommandError
 

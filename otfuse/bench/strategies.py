@@ -35,6 +35,9 @@ ROUNDS_FILE = "rounds.csv"
 RUNS_FILE = "runs.csv"
 REPORT_FILE = "results.md"
 BASELINE = "fedavg"
+#: Failed runs in a row after which the benchmark stops, because the cause is then likely
+#: shared (a missing executable, a full disk) and every further run would fail the same way.
+MAX_CONSECUTIVE_FAILURES = 3
 
 
 @dataclass(frozen=True)
@@ -205,8 +208,9 @@ def run_matrix(matrix: Matrix, out_dir: Path, data_dir=None, *, ray_address: str
     Runs go to ``out_dir/<case>/federated/<strategy>-seed<seed>``; finished ones are read.
     Seeds form the outer loop, so an interrupted benchmark has every case and strategy for
     its first seeds. A run that fails is logged, listed in the result and left out; the
-    next invocation runs it again. ``on_run`` is called before each run with its case,
-    strategy and seed.
+    next invocation runs it again. After :data:`MAX_CONSECUTIVE_FAILURES` failures in a row
+    the benchmark stops with the last error. ``on_run`` is called before each run with its
+    case, strategy and seed.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -215,6 +219,7 @@ def run_matrix(matrix: Matrix, out_dir: Path, data_dir=None, *, ray_address: str
 
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
+    consecutive_failures = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not show_progress) as progress:
         task = progress.add_task("strategy benchmark", total=matrix.num_runs)
@@ -233,8 +238,15 @@ def run_matrix(matrix: Matrix, out_dir: Path, data_dir=None, *, ray_address: str
                             raise  # terminated by a signal
                         failures.append(f"{case.name} {strategy} seed {seed}: {error}")
                         logger.error("run %s %s seed %d failed and is left out: %s", case.name, strategy, seed, error)
+                        consecutive_failures += 1
+                        if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+                            raise CommandError(
+                                f"{consecutive_failures} runs in a row failed, the last with: {error}; fix "
+                                "the cause and run the command again, which keeps the finished runs"
+                            ) from error
                         progress.advance(task)
                         continue
+                    consecutive_failures = 0
                     for row in records_to_rows(records, strategy, seed, 0.0, matrix.size.epochs):
                         rows.append({"partitioning": case.name, **row})
                     progress.advance(task)
