@@ -691,7 +691,7 @@ def test_simulation_attaches_to_ray_cluster(ray_head, data_dir, tmp_path):
     # Ray's own start-up may already have written a driver log, so compare before and after.
     logs_before = set(driver_logs(ray_head["temp_dir"]))
 
-    completed = subprocess.run(
+    run = subprocess.Popen(
         [
             sys.executable, "-m", "otfuse.cli.main", "run", "--quiet",
             "--ray-address", ray_head["address"],
@@ -699,11 +699,17 @@ def test_simulation_attaches_to_ray_cluster(ray_head, data_dir, tmp_path):
             "--output-dir", str(output_dir), "--run-config", run_config_line(settings),
         ],
         env={**os.environ, **OFFLINE_SWITCHES},
-        capture_output=True, text=True, timeout=RUN_TIMEOUT_SECONDS, check=False,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
+    try:
+        stdout, stderr = run.communicate(timeout=RUN_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        # A timed-out run must not leave its SuperLink and simulation behind for later tests.
+        stop_process_tree(run)
+        raise
 
-    assert completed.returncode == 0, completed.stderr[-3000:] + completed.stdout[-3000:]
-    assert f"attaches to the Ray cluster at {ray_head['address']}" in completed.stdout
+    assert run.returncode == 0, stderr[-3000:] + stdout[-3000:]
+    assert f"attaches to the Ray cluster at {ray_head['address']}" in stdout
     records = read_metrics(output_dir / "metrics.jsonl")
     assert [record["round"] for record in records] == list(range(ROUNDS + 1))
     assert set(driver_logs(ray_head["temp_dir"])) - logs_before, "no Ray driver connected to the test's Ray head"
