@@ -32,7 +32,7 @@ from otfuse.cli import run_command
 from otfuse.cli.errors import CommandError
 from otfuse.cli.flower_env import OFFLINE_SWITCHES, offline_env
 from otfuse.cli.processes import find_executable, free_port, is_healthy, start_logged_process, stop_process_tree
-from otfuse.cli.ray_cluster import check_ray_head, split_ray_address
+from otfuse.cli.ray_cluster import check_ray_head, is_loopback_address, split_ray_address
 from otfuse.server.outputs import read_metrics
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -634,6 +634,16 @@ def test_ray_address_must_be_host_port():
     assert split_ray_address("10.0.0.5:6379") == ("10.0.0.5", 6379)
 
 
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [("127.0.0.1:6379", True), ("127.0.0.2:6379", True), ("localhost:6379", True),
+     ("[::1]:6379", True), ("10.0.0.5:6379", False), ("head.example:6379", False)],
+)
+def test_loopback_head_detected(address, loopback):
+    # A driver next to a loopback head keeps Ray's loopback node address; see run_command.
+    assert is_loopback_address(address) is loopback
+
+
 def test_ray_address_without_head_rejected():
     with pytest.raises(CommandError, match="no Ray cluster head accepts connections"):
         check_ray_head(f"127.0.0.1:{free_port()}")
@@ -684,10 +694,6 @@ def driver_logs(temp_dir: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-# NOTE: this run took 81-88 s when the test was written. After the offline environment began to
-# pin Ray's node address to 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) it timed out twice
-# on a loaded machine; whether that change is the cause is not known. Skipped until it is.
-@pytest.mark.skip(reason="the run against a Ray head timed out twice; cause not yet known")
 def test_simulation_attaches_to_ray_cluster(ray_head, data_dir, tmp_path):
     output_dir = tmp_path / "run"
     settings = small_run_config(data_dir)

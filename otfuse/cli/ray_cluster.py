@@ -10,6 +10,7 @@ that starts it. ``otfuse run`` therefore sets ``RAY_ADDRESS`` for the SuperLink 
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections.abc import Mapping
 
@@ -58,3 +59,18 @@ def check_ray_head(address: str, timeout: float = CONNECT_TIMEOUT_SECONDS) -> No
             f"`ray start --head --port {port}` on {host}, or correct --ray-address or "
             f"{RAY_ADDRESS_ENV}"
         ) from None
+
+
+def is_loopback_address(address: str) -> bool:
+    """Return whether the head of ``HOST:PORT`` is this machine's loopback interface.
+
+    A driver on the head's machine must then announce a loopback node address too: Ray
+    accepts a driver only when its node address is the head's or one of the raylets'.
+    """
+    host, _ = split_ray_address(address)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -31,7 +31,12 @@ from otfuse.cli.flower_env import RAY_LOCAL_NODE_SWITCH, offline_env
 from otfuse.cli.report import accuracy_table
 from otfuse.cli.resume import ResumePoint, find_resume_point, write_federation
 from otfuse.cli.processes import find_executable, free_port
-from otfuse.cli.ray_cluster import RAY_ADDRESS_ENV, check_ray_head, resolve_ray_address
+from otfuse.cli.ray_cluster import (
+    RAY_ADDRESS_ENV,
+    check_ray_head,
+    is_loopback_address,
+    resolve_ray_address,
+)
 from otfuse.cli.superlink import LocalSuperLink
 
 #: Name of the SuperLink connection in the per-run Flower config file.
@@ -374,8 +379,11 @@ def execute(plan: RunPlan, console: Console) -> list[dict[str, Any]]:
     env.pop(RAY_ADDRESS_ENV, None)
     if plan.ray_address is not None:
         env[RAY_ADDRESS_ENV] = plan.ray_address
-        # The cluster's nodes may be other machines, which a loopback node address excludes.
-        env.pop(RAY_LOCAL_NODE_SWITCH, None)
+        # A cluster of other machines needs the driver's network address, which a loopback
+        # node address hides; a head on loopback needs the loopback address, or Ray finds
+        # no raylet at the driver's address and the simulation waits forever.
+        if not is_loopback_address(plan.ray_address):
+            env.pop(RAY_LOCAL_NODE_SWITCH, None)
     # A Flower home per run keeps parallel runs from sharing a config file or app folder.
     flwr_home = Path(tempfile.mkdtemp(prefix="flwr-home-", dir=state_dir))
     env["FLWR_HOME"] = str(flwr_home)
