@@ -269,7 +269,8 @@ def test_tiny_matrix_end_to_end_and_resume(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "bench"
     started = []
 
-    result = bench.run_matrix(TINY_MATRIX, out, data_dir, show_progress=False,
+    # Two child processes at once; the second invocation below reads their runs one at a time.
+    result = bench.run_matrix(TINY_MATRIX, out, data_dir, show_progress=False, jobs=2,
                               on_run=lambda case, strategy, seed: started.append(strategy))
     report = bench.write_outputs(TINY_MATRIX, result, out, command="otfuse bench strategies (test)")
     rounds = result.rounds
@@ -352,6 +353,45 @@ def test_failed_run_left_out_and_listed(tmp_path, monkeypatch):
     assert set(result.rounds["strategy"]) == {"fedavg"}
     assert result.failures == ["iid otfusion-hard seed 0: run 7 ended with status 'finished:failed'"]
     assert "1 runs failed and are left out" in report.read_text(encoding="utf-8")
+
+
+def test_parallel_runs_keep_every_row(tmp_path, monkeypatch):
+    import otfuse.bench.federated as federated
+    from otfuse.cli.errors import CommandError
+
+    def fake_process(config, strategy, seed, out_dir, data_dir=None, ray_address=None, on_start=None):
+        if strategy == "fedprox":
+            raise CommandError("otfuse run for fedprox seed 0 exited with code 1: failed")
+        accuracy = {"fedavg": 0.6, "fedmedian": 0.55, "otfusion-hard": 0.7}[strategy]
+        return [{"round": 0, "overall": {"accuracy": 0.5}, "datasets": {}},
+                {"round": 1, "overall": {"accuracy": accuracy}, "datasets": {}}]
+
+    monkeypatch.setattr(federated, "run_one_process", fake_process)
+    matrix = replace(TINY_MATRIX, strategies=("fedavg", "fedprox", "fedmedian", "otfusion-hard"))
+
+    result = bench.run_matrix(matrix, tmp_path, show_progress=False, jobs=3)
+
+    final = result.rounds[result.rounds["round"] == 1].set_index("strategy")["accuracy"]
+    assert final.to_dict() == {"fedavg": 0.6, "fedmedian": 0.55, "otfusion-hard": 0.7}
+    assert result.failures == ["iid fedprox seed 0: otfuse run for fedprox seed 0 exited with code 1: failed"]
+
+
+def test_parallel_signal_stops_matrix(tmp_path, monkeypatch):
+    import otfuse.bench.federated as federated
+    from otfuse.cli.errors import CommandError
+
+    def terminated(*args, **kwargs):
+        raise CommandError("otfuse run for fedavg seed 0 exited with code 143: terminated", exit_code=143)
+
+    monkeypatch.setattr(federated, "run_one_process", terminated)
+
+    with pytest.raises(CommandError, match="code 143"):
+        bench.run_matrix(TINY_MATRIX, tmp_path, show_progress=False, jobs=2)
+
+
+def test_zero_jobs_rejected(tmp_path):
+    with pytest.raises(ValueError, match="jobs=0 is invalid"):
+        bench.run_matrix(TINY_MATRIX, tmp_path, show_progress=False, jobs=0)
 
 
 def test_repeated_failures_stop_matrix(tmp_path, monkeypatch):

@@ -10,7 +10,9 @@ import argparse
 import json
 import logging
 import shutil
-from collections.abc import Mapping
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,54 @@ def run_one(config: ExperimentConfig, strategy: str, seed: int, out_dir: Path, d
     )
     plan = plan_run(args)
     return execute(plan, Console(quiet=quiet))
+
+
+def run_one_process(config: ExperimentConfig, strategy: str, seed: int, out_dir: Path, data_dir=None,
+                    ray_address: str | None = None,
+                    on_start: Callable[[subprocess.Popen], None] | None = None) -> list[dict[str, Any]]:
+    """Run one strategy and seed like :func:`run_one`, but as an ``otfuse run`` child process.
+
+    Several of these can run at once from threads: each child has its own SuperLink, ports
+    and signal handler, so a SIGTERM sent to the child stops its SuperLink and simulation.
+    ``on_start`` receives the child right after it started, for the caller to stop it.
+    """
+    from otfuse.cli.errors import CommandError
+    from otfuse.server.outputs import METRICS_FILE, read_metrics
+
+    output_dir = out_dir / "federated" / f"{strategy}-seed{seed}"
+    values = run_config_values(config, strategy, seed)
+    if finished_run(output_dir, values):
+        logger.info("%s seed %d already ran; reading %s", strategy, seed, output_dir / METRICS_FILE)
+        return read_metrics(output_dir / METRICS_FILE)
+    if output_dir.exists():
+        logger.warning("%s seed %d: %s contains an unfinished run or other settings; running it again",
+                       strategy, seed, output_dir)
+        shutil.rmtree(output_dir)
+    command = [
+        sys.executable, "-m", "otfuse.cli.main", "run", "--quiet",
+        "--num-clients", str(config.num_parents), "--client-cpus", "1",
+        "--output-dir", str(output_dir), "--run-config", _run_config_line(values),
+    ]
+    if data_dir is not None:
+        command += ["--data-dir", str(data_dir)]
+    if ray_address is not None:
+        command += ["--ray-address", ray_address]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+    if on_start is not None:
+        on_start(process)
+    output, _ = process.communicate()
+    if process.returncode != 0:
+        lines = output.strip().splitlines()
+        raise CommandError(
+            f"otfuse run for {strategy} seed {seed} exited with code {process.returncode}: "
+            f"{lines[-1] if lines else 'no output'}",
+            exit_code=1 if process.returncode == 1 else process.returncode,
+        )
+    if not finished_run(output_dir, values):
+        raise CommandError(f"otfuse run for {strategy} seed {seed} exited with code 0 but left no "
+                           f"complete run in {output_dir}")
+    return read_metrics(output_dir / METRICS_FILE)
 
 
 def finished_run(output_dir: Path, values: Mapping[str, Any]) -> bool:

@@ -202,7 +202,7 @@ class MatrixResult:
 
 
 def run_matrix(matrix: Matrix, out_dir: Path, data_dir=None, *, ray_address: str | None = None,
-               show_progress: bool = True, on_run: RunHook | None = None) -> MatrixResult:
+               show_progress: bool = True, on_run: RunHook | None = None, jobs: int = 1) -> MatrixResult:
     """Run (or read) every run of ``matrix`` and return the rows of the finished ones.
 
     Runs go to ``out_dir/<case>/federated/<strategy>-seed<seed>``; finished ones are read.
@@ -210,47 +210,130 @@ def run_matrix(matrix: Matrix, out_dir: Path, data_dir=None, *, ray_address: str
     its first seeds. A run that fails is logged, listed in the result and left out; the
     next invocation runs it again. After :data:`MAX_CONSECUTIVE_FAILURES` failures in a row
     the benchmark stops with the last error. ``on_run`` is called before each run with its
-    case, strategy and seed.
+    case, strategy and seed. ``jobs`` above 1 runs that many simulations at once, each as
+    an ``otfuse run`` child process; a simulation leaves a core mostly idle while Flower and
+    Ray start and pass messages, so 2 or 3 jobs finish sooner on two cores, at the price of
+    noisier timings.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs} is invalid; give 1 or more parallel runs")
+    tasks = [
+        (case, strategy, seed)
+        for seed in matrix.size.seeds
+        for case in matrix.cases
+        for strategy in matrix.strategies
+    ]
+    configs = {case.name: experiment_config(case, matrix.size, matrix.strategies) for case in matrix.cases}
+    tracker = _FailureTracker()
+    rows: list[dict[str, Any]] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not show_progress) as progress:
+        bar = progress.add_task("strategy benchmark", total=len(tasks))
+
+        def finish(case: PartitionCase, strategy: str, seed: int, outcome: list | Exception) -> None:
+            if isinstance(outcome, Exception):
+                tracker.failed(f"{case.name} {strategy} seed {seed}", outcome)
+            else:
+                tracker.succeeded()
+                for row in records_to_rows(outcome, strategy, seed, 0.0, matrix.size.epochs):
+                    rows.append({"partitioning": case.name, **row})
+            progress.advance(bar)
+
+        if jobs == 1:
+            for case, strategy, seed in tasks:
+                progress.update(bar, description=f"{case.name} {strategy} seed {seed}")
+                if on_run is not None:
+                    on_run(case, strategy, seed)
+                finish(case, strategy, seed, _attempt(
+                    lambda: run_one(configs[case.name], strategy, seed, out_dir / case.name, data_dir,
+                                    ray_address=ray_address)))
+        else:
+            _run_parallel(tasks, configs, out_dir, data_dir, ray_address, jobs, on_run, finish, progress, bar)
+    return MatrixResult(pd.DataFrame(rows), tracker.failures)
+
+
+class _FailureTracker:
+    """Failed runs of a matrix, and the stop after too many failures in a row."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+        self.consecutive = 0
+
+    def succeeded(self) -> None:
+        self.consecutive = 0
+
+    def failed(self, label: str, error: Exception) -> None:
+        from otfuse.cli.errors import CommandError
+
+        if isinstance(error, CommandError) and error.exit_code != 1:
+            raise error  # terminated by a signal
+        self.failures.append(f"{label}: {error}")
+        logger.error("run %s failed and is left out: %s", label, error)
+        self.consecutive += 1
+        if self.consecutive >= MAX_CONSECUTIVE_FAILURES:
+            raise CommandError(
+                f"{self.consecutive} runs in a row failed, the last with: {error}; fix "
+                "the cause and run the command again, which keeps the finished runs"
+            ) from error
+
+
+def _attempt(run: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]] | Exception:
+    """Return the records of ``run``, or the expected error that it raised."""
     from otfuse.cli.errors import CommandError
     from otfuse.data_partitions import DataError
 
-    rows: list[dict[str, Any]] = []
-    failures: list[str] = []
-    consecutive_failures = 0
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, disable=not show_progress) as progress:
-        task = progress.add_task("strategy benchmark", total=matrix.num_runs)
-        for seed in matrix.size.seeds:
-            for case in matrix.cases:
-                config = experiment_config(case, matrix.size, matrix.strategies)
-                for strategy in matrix.strategies:
-                    progress.update(task, description=f"{case.name} {strategy} seed {seed}")
-                    if on_run is not None:
-                        on_run(case, strategy, seed)
-                    try:
-                        records = run_one(config, strategy, seed, out_dir / case.name, data_dir,
-                                          ray_address=ray_address)
-                    except (CommandError, DataError) as error:
-                        if isinstance(error, CommandError) and error.exit_code != 1:
-                            raise  # terminated by a signal
-                        failures.append(f"{case.name} {strategy} seed {seed}: {error}")
-                        logger.error("run %s %s seed %d failed and is left out: %s", case.name, strategy, seed, error)
-                        consecutive_failures += 1
-                        if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
-                            raise CommandError(
-                                f"{consecutive_failures} runs in a row failed, the last with: {error}; fix "
-                                "the cause and run the command again, which keeps the finished runs"
-                            ) from error
-                        progress.advance(task)
-                        continue
-                    consecutive_failures = 0
-                    for row in records_to_rows(records, strategy, seed, 0.0, matrix.size.epochs):
-                        rows.append({"partitioning": case.name, **row})
-                    progress.advance(task)
-    return MatrixResult(pd.DataFrame(rows), failures)
+    try:
+        return run()
+    except (CommandError, DataError) as error:
+        return error
+
+
+def _run_parallel(tasks, configs, out_dir, data_dir, ray_address, jobs, on_run, finish, progress, bar) -> None:
+    """Run ``tasks`` as ``jobs`` child processes at a time; stop every child on an error."""
+    import signal
+    import threading
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from otfuse.bench.federated import run_one_process
+
+    children: set = set()
+    lock = threading.Lock()
+
+    def started(process) -> None:
+        with lock:
+            children.add(process)
+
+    def work(case, strategy, seed):
+        return _attempt(lambda: run_one_process(
+            configs[case.name], strategy, seed, out_dir / case.name, data_dir,
+            ray_address=ray_address, on_start=started))
+
+    pending_tasks = list(tasks)
+    running = {}
+    executor = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        while pending_tasks or running:
+            while pending_tasks and len(running) < jobs:
+                case, strategy, seed = pending_tasks.pop(0)
+                if on_run is not None:
+                    on_run(case, strategy, seed)
+                running[executor.submit(work, case, strategy, seed)] = (case, strategy, seed)
+            progress.update(bar, description=f"{len(running)} runs in parallel")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                case, strategy, seed = running.pop(future)
+                finish(case, strategy, seed, future.result())
+    except BaseException:
+        # SIGTERM, Ctrl-C or too many failures: each child's own handler stops its SuperLink.
+        with lock:
+            for process in children:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+        raise
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def run_summaries(rounds: pd.DataFrame, cases: Sequence[PartitionCase]) -> pd.DataFrame:

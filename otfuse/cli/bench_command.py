@@ -47,10 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             help="strategies to run (default: all ten, or three with --quick)")
     strategies.add_argument("--partitionings", nargs="+", metavar="NAME",
                             help="partition cases to run (default: all five, or two with --quick)")
-    strategies.add_argument("--rounds", type=int, help="federated rounds per run (default: 5, or 3 with --quick)")
+    strategies.add_argument("--rounds", type=int, help="federated rounds per run (default: 8, or 3 with --quick)")
     strategies.add_argument("--data-dir", help="local Parquet data folder (default: $OTFUSE_DATA_DIR)")
     strategies.add_argument("--ray-address", metavar="HOST:PORT",
                             help="run every simulation on this running Ray cluster instead of a Ray instance per run")
+    strategies.add_argument("--jobs", type=int, default=1,
+                            help="simulations to run at once, each in its own process (default: 1); "
+                            "2 or 3 finish sooner on two cores but make the timings noisier")
     strategies.add_argument("--note", default="", help="a sentence for the report header, such as the machine's load")
     strategies.set_defaults(handler=run_strategies)
 
@@ -138,6 +141,8 @@ def run_strategies(args: argparse.Namespace) -> int:
     )
     from otfuse.cli.errors import CommandError
 
+    if args.jobs < 1:
+        raise CommandError(f"--jobs {args.jobs} is invalid; give 1 or more parallel runs")
     try:
         matrix = build_matrix(quick=args.quick, seeds=args.seeds, strategies=args.strategies,
                               cases=args.partitionings, rounds=args.rounds)
@@ -149,7 +154,8 @@ def run_strategies(args: argparse.Namespace) -> int:
     # which stops its SuperLink; without a handler the SuperLink would keep running.
     previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        result = run_matrix(matrix, args.out, data_dir=args.data_dir, ray_address=args.ray_address)
+        result = run_matrix(matrix, args.out, data_dir=args.data_dir, ray_address=args.ray_address,
+                            jobs=args.jobs)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     try:
