@@ -25,6 +25,7 @@ from otfuse.fusion.robust import DEFAULT_THRESHOLD, ROBUST_MODES
 from otfuse.fusion.options import PLAN_FAILURE_POLICIES
 from otfuse.models import ModelConfig
 from otfuse.models.config import POOLING_CHOICES
+from otfuse.models.widths import parse_width_factors
 
 Value = TypeVar("Value", int, float, str, bool)
 
@@ -372,6 +373,16 @@ CLIENT_ALIGNMENT_PROBE = _setting(
     minimum=1,
 )
 
+# Heterogeneous client widths (strategy 'otfusion' with the global anchor only)
+CLIENT_WIDTH_FACTORS = _setting(
+    "client-width-factors", str, "",
+    "Comma-separated width factors in (0, 1], such as '1.0,0.5': partition i trains a model "
+    "whose model.d-ff and model.d-model (rounded to a multiple of model.n-heads) are scaled by "
+    "factor i mod the number of factors, and the server fuses it into the global width. "
+    "Empty: every client trains the global width. Needs strategy 'otfusion' with "
+    "fusion.anchor='global', hard or soft alignment and fusion.robust='none'.",
+)
+
 # Benchmarks and tests only: one poisoned client, to measure robust strategies.
 ATTACK_KIND = _setting(
     "attack.kind", str, "none",
@@ -417,6 +428,11 @@ class RunConfig:
         }
         return ModelConfig(n_classes=len(label_names(self.datasets[0])), **fields)
 
+    @property
+    def width_factors(self) -> tuple[float, ...]:
+        """Return the client width factors; () when every client trains the global width."""
+        return parse_width_factors(self.get(CLIENT_WIDTH_FACTORS))
+
     def fusion_options(self) -> FusionOptions:
         """Build the engine's options; the anchor index is chosen per round by the strategy."""
         return FusionOptions(
@@ -461,6 +477,7 @@ def load_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     config = RunConfig(values)
     _check_classes(config)
     _check_model(config)
+    _check_widths(config)
     return config
 
 
@@ -547,6 +564,42 @@ def _check_model(config: RunConfig) -> None:
         BertClassifierConfig(encoder, max_len=model.max_len, pooling=model.pooling)
     except ValueError as error:
         raise RunConfigError(f"invalid run-config key 'encoder' = {encoder!r}: {error}") from error
+
+
+def _check_widths(config: RunConfig) -> None:
+    text = config.get(CLIENT_WIDTH_FACTORS)
+    key = CLIENT_WIDTH_FACTORS.key
+    try:
+        factors = parse_width_factors(text)
+    except ValueError as error:
+        raise RunConfigError(
+            f"run-config key {key!r} has invalid value {text!r}: {error}; give comma-separated "
+            f"numbers in (0, 1], for example --run-config '{key}=\"1.0,0.5\"', or \"\" for "
+            "every client at the global width"
+        ) from None
+    if not factors:
+        return
+    # Each condition names a setting under which the server cannot combine different widths.
+    conflicts = (
+        (config.get(STRATEGY) != "otfusion", STRATEGY.key, config.get(STRATEGY),
+         "only strategy 'otfusion' fuses models of different widths; averaging strategies need "
+         "equal shapes, so set strategy=otfusion"),
+        (config.get(FUSION_ANCHOR) != "global", FUSION_ANCHOR.key, config.get(FUSION_ANCHOR),
+         "the fused model must keep the global width, so set fusion.anchor=global"),
+        (config.get(FUSION_ALIGNMENT) == "none", FUSION_ALIGNMENT.key, config.get(FUSION_ALIGNMENT),
+         "plain averaging needs equal widths, so set fusion.alignment=hard or soft"),
+        (config.get(FUSION_ROBUST) != "none", FUSION_ROBUST.key, config.get(FUSION_ROBUST),
+         "transport costs of narrow and wide clients are not comparable outlier scores, so set "
+         "fusion.robust=none"),
+        (config.get(ENCODER) != SCRATCH_ENCODER, ENCODER.key, config.get(ENCODER),
+         "a pretrained encoder fixes its widths, so set encoder=transformer"),
+    )
+    for conflict, other, value, fix in conflicts:
+        if conflict:
+            raise RunConfigError(
+                f"run-config key {key!r} = {text!r} cannot be combined with {other}={value!r}: "
+                f"{fix}, or set {key} to \"\""
+            )
 
 
 #: Settings that may change when a run resumes, because none of them changes what a
