@@ -18,6 +18,7 @@ from otfuse import records
 from otfuse.client.alignment import reply_state
 from otfuse.client.attack import is_attacker, poisoned_labels
 from otfuse.client.partition import load_partition
+from otfuse.client.widths import node_model, received_state
 from otfuse.runconfig import (
     ATTACK_KIND,
     ATTACK_PARTITION,
@@ -26,9 +27,10 @@ from otfuse.runconfig import (
     LOCAL_EPOCHS,
     SEED,
     WEIGHT_DECAY,
+    RunConfig,
     load_run_config,
 )
-from otfuse.task import RunModel, run_model
+from otfuse.task import RunModel
 from otfuse.training import evaluate_model, train_model
 
 app = ClientApp()
@@ -41,8 +43,8 @@ def train(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = node_partition(context)
     server_round = int(msg.content[records.CONFIG][records.SERVER_ROUND])
     data = load_partition(config, partition_id, num_partitions)
-    task = run_model(config)
-    model = _received_model(msg, task)
+    task = node_model(config, partition_id)
+    model = _received_model(msg, config, task)
     train_labels = data.train_labels
     if is_attacker(config.get(ATTACK_KIND), config.get(ATTACK_PARTITION), partition_id):
         # Benchmarks only: this partition plays the poisoned client of the attack.* settings.
@@ -92,7 +94,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             f"partition {partition_id} has no local test examples; raise local-test-fraction "
             "above 0 or set fraction-evaluate=0"
         )
-    model = _received_model(msg, run_model(config))
+    model = _received_model(msg, config, node_model(config, partition_id))
     scores = evaluate_model(model, data.test_ids, data.test_labels, batch_size=config.get(BATCH_SIZE))
     metrics = MetricRecord(
         {
@@ -141,7 +143,8 @@ def training_seed(run_seed: int, partition_id: int, server_round: int) -> int:
     return int(sequence.generate_state(1, dtype=np.uint32)[0])
 
 
-def _received_model(msg: Message, task: RunModel) -> torch.nn.Module:
+def _received_model(msg: Message, config: RunConfig, task: RunModel) -> torch.nn.Module:
     model = task.build()
-    task.load_exchanged(model, msg.content[records.ARRAYS].to_torch_state_dict())
+    received = msg.content[records.ARRAYS].to_torch_state_dict()
+    task.load_exchanged(model, received_state(config, task, received))
     return model
