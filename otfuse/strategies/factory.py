@@ -37,6 +37,7 @@ from otfuse.strategies.robust import RobustOTFusion
 from otfuse.task import run_model
 from otfuse.strategies.replies import ReplyLimits
 from otfuse.strategies.validated import ValidatedFedAvg
+from otfuse.strategies.widths import NodeProjections
 
 MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 
@@ -111,10 +112,13 @@ def build_strategy(
     if name == "otfusion-client":
         return measured(ClientAlignedFedAvg)(**common)
     if name == "otfusion":
+        # Run-config validation allows width factors with the global anchor and hard or soft alignment only.
+        widths = NodeProjections(config.model_config()) if config.width_factors else None
         return measured(OTFusion)(
             run_model(config).alignment_spec(),
             config.fusion_options(),
             anchor=config.get(FUSION_ANCHOR),
+            widths=widths,
             **common,
         )
     if name == "fedavg":

@@ -10,12 +10,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
+from flwr.serverapp import Grid
 
 from otfuse.fusion import AlignmentSpec, FusionError, FusionOptions, FusionResult, fuse
-from otfuse.strategies.replies import TrainUpdate
+from otfuse.strategies.replies import ReferenceFn, TrainUpdate
 from otfuse.strategies.validated import RoundFusion, ValidatedFedAvg
+from otfuse.strategies.widths import NodeProjections
 
 Anchor = Literal["global", "client"]
 ANCHORS: tuple[str, ...] = ("global", "client")
@@ -43,6 +45,11 @@ class OTFusion(ValidatedFedAvg):
         averaged in. ``"client"`` aligns to the client model with the most examples (on a
         tie, the first in the digest order of
         :func:`~otfuse.strategies.replies.screen_train_replies`).
+    widths : NodeProjections, optional
+        Accept replies of clients narrower than the global model, fuse them into the global
+        width and send every narrow node the global model projected to its width (see
+        :mod:`otfuse.strategies.widths`). Needs ``anchor="global"`` and hard or soft
+        alignment. Default: every reply must have the global model's shapes.
     **options
         Passed to :class:`~otfuse.strategies.validated.ValidatedFedAvg`.
     """
@@ -52,14 +59,22 @@ class OTFusion(ValidatedFedAvg):
         spec: AlignmentSpec,
         fusion_options: FusionOptions,
         anchor: Anchor = "global",
+        *,
+        widths: NodeProjections | None = None,
         **options: Any,
     ) -> None:
         super().__init__(**options)
         if anchor not in ANCHORS:
             raise ValueError(f"unknown anchor {anchor!r}; choose one of {', '.join(ANCHORS)}")
+        if widths is not None and (anchor != "global" or fusion_options.alignment == "none"):
+            raise ValueError(
+                "clients of different widths need anchor='global' and hard or soft alignment, so "
+                "that the fused model keeps the global width"
+            )
         self.spec = spec
         self.fusion_options = fusion_options
         self.anchor = anchor
+        self.widths = widths
 
     def summary(self) -> None:
         """Log FedAvg's settings, the reply checks and the fusion settings."""
@@ -73,7 +88,37 @@ class OTFusion(ValidatedFedAvg):
         )
         log(INFO, "\t\t├── Anchor: %s", self.anchor)
         log(INFO, "\t\t├── Barycenter iterations: %d", options.barycenter_iters)
+        if self.widths is not None:
+            log(
+                INFO, "\t\t├── Client widths: narrower replies fused into d_model=%d, d_ff=%d",
+                *self.widths.global_widths,
+            )
         log(INFO, "\t\t└── On plan failure: %s", options.on_plan_failure)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure as ValidatedFedAvg; narrow nodes get the global model at their width."""
+        messages = super().configure_train(server_round, arrays, config, grid)
+        if self.widths is None:
+            return messages
+        self._instructions = self.widths.instructions(
+            messages, arrays, self.arrayrecord_key, remember=True
+        )
+        return self._instructions
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure as FedAvg; narrow nodes evaluate the global model at their width."""
+        messages = super().configure_evaluate(server_round, arrays, config, grid)
+        if self.widths is None:
+            return messages
+        return self.widths.instructions(messages, arrays, self.arrayrecord_key, remember=False)
+
+    def reply_reference(self) -> ReferenceFn | None:
+        """Check narrow replies against their starting model when client widths are on."""
+        return None if self.widths is None else self.widths.reply_reference
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -120,6 +165,8 @@ class OTFusion(ValidatedFedAvg):
                 server_round, report.error, len(broken),
             )
             return None
+        if self.widths is not None:
+            self.widths.record(updates, result.maps)
         return ArrayRecord(fused)
 
     def _run_fusion(
@@ -131,8 +178,9 @@ class OTFusion(ValidatedFedAvg):
                     "no global model to align to; call configure_train before aggregate_train"
                 )
             reference = self._global_arrays.to_torch_state_dict()
+            specs = self.spec if self.widths is None else [self.widths.spec_of(model) for model in models]
             return fuse(
-                models, self.spec, weights, self.fusion_options,
+                models, specs, weights, self.fusion_options,
                 reference=reference, reference_spec=self.spec,
             )
         anchor_index = int(np.argmax(weights))

@@ -13,7 +13,7 @@ import hashlib
 import math
 import statistics
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +24,11 @@ from otfuse.models.checkpoint import tensors_digest
 #: The update-size check compares each reply with the median of the others, which needs at
 #: least two others to mean anything.
 MIN_REPLIES_FOR_NORM_CHECK = 3
+
+StateDict = Mapping[str, torch.Tensor]
+#: Returns the model that a reply is checked against, from the node id, the reply's tensors
+#: and the global model. It raises :class:`ReplyError` when the reply fits no such model.
+ReferenceFn = Callable[[int, StateDict, StateDict], StateDict]
 
 
 class ReplyError(ValueError):
@@ -68,11 +73,16 @@ class ReplyLimits:
 
 @dataclass(frozen=True)
 class TrainUpdate:
-    """A checked training reply: the client's weights and its number of training examples."""
+    """A checked training reply: the client's weights and its number of training examples.
+
+    ``reference`` is the model the reply was checked against when that was not the round's
+    global model (a narrower client's starting model, see ``client-width-factors``).
+    """
 
     message: Message
     state_dict: dict[str, torch.Tensor]
     num_examples: float
+    reference: StateDict | None = field(default=None, repr=False, compare=False)
 
     @property
     def node_id(self) -> int:
@@ -88,18 +98,22 @@ class Screening:
 
 
 def screen_train_replies(
-    replies: Sequence[Message], reference: Mapping[str, torch.Tensor], limits: ReplyLimits
+    replies: Sequence[Message],
+    reference: Mapping[str, torch.Tensor],
+    limits: ReplyLimits,
+    reference_of: ReferenceFn | None = None,
 ) -> Screening:
     """Check every reply against ``reference`` (the global model it was trained from).
 
     Error replies must be removed before. The accepted updates come back sorted by a digest
     of their content, so fusing them gives the same result whatever order the replies
-    arrived in.
+    arrived in. With ``reference_of``, each reply is checked against the model it returns
+    instead, and its update size is measured from that model.
     """
     screening = Screening()
     for message in replies:
         try:
-            screening.accepted.append(check_train_reply(message, reference, limits))
+            screening.accepted.append(check_train_reply(message, reference, limits, reference_of))
         except ReplyError as error:
             screening.rejected.append(error)
 
@@ -110,14 +124,17 @@ def screen_train_replies(
 
 
 def check_train_reply(
-    message: Message, reference: Mapping[str, torch.Tensor], limits: ReplyLimits
+    message: Message,
+    reference: Mapping[str, torch.Tensor],
+    limits: ReplyLimits,
+    reference_of: ReferenceFn | None = None,
 ) -> TrainUpdate:
     """Return the reply's weights and example count, or raise :class:`ReplyError`.
 
     A reply is accepted when it has exactly one ArrayRecord and one MetricRecord, the
     MetricRecord contains a whole number of examples in ``[1, limits.max_num_examples]``,
-    and the arrays have exactly the tensors, shapes and dtypes of ``reference``, with finite
-    values.
+    and the arrays have exactly the tensors, shapes and dtypes of ``reference`` (or of
+    ``reference_of(node_id, arrays, reference)`` when given), with finite values.
     """
     node_id = message.metadata.src_node_id
     content = message.content
@@ -135,8 +152,13 @@ def check_train_reply(
         state_dict = arrays.to_torch_state_dict()
     except (ValueError, TypeError) as error:
         raise ReplyError(node_id, f"arrays cannot be read as tensors: {error}") from error
-    _check_tensors(node_id, state_dict, reference)
-    return TrainUpdate(message=message, state_dict=state_dict, num_examples=num_examples)
+    if reference_of is None:
+        _check_tensors(node_id, state_dict, reference)
+        return TrainUpdate(message=message, state_dict=state_dict, num_examples=num_examples)
+    own_reference = reference_of(node_id, state_dict, reference)
+    _check_tensors(node_id, state_dict, own_reference)
+    return TrainUpdate(message=message, state_dict=state_dict, num_examples=num_examples,
+                       reference=own_reference)
 
 
 def _check_num_examples(node_id: int, value: object, limits: ReplyLimits) -> float:
@@ -226,7 +248,10 @@ def _norm_outliers(
 ) -> list[tuple[TrainUpdate, ReplyError]]:
     if len(updates) < MIN_REPLIES_FOR_NORM_CHECK:
         return []
-    distances = [update_distance(update.state_dict, reference) for update in updates]
+    distances = [
+        update_distance(update.state_dict, reference if update.reference is None else update.reference)
+        for update in updates
+    ]
     rejections = []
     for index, update in enumerate(updates):
         others = statistics.median(distances[:index] + distances[index + 1 :])

@@ -16,7 +16,7 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from otfuse.strategies.replies import ReplyLimits, TrainUpdate, screen_train_replies
+from otfuse.strategies.replies import ReferenceFn, ReplyLimits, TrainUpdate, screen_train_replies
 
 
 @dataclass
@@ -166,7 +166,8 @@ class ValidatedFedAvg(FedAvg):
         self._record_lost_nodes(server_round, replies, errors, report)
 
         screening = screen_train_replies(
-            valid, self._global_arrays.to_torch_state_dict(), self.reply_limits
+            valid, self._global_arrays.to_torch_state_dict(), self.reply_limits,
+            self.reply_reference(),
         )
         for error in screening.rejected:
             report.dropped_nodes.append(error.node_id)
@@ -188,6 +189,10 @@ class ValidatedFedAvg(FedAvg):
             )
             return report, []
         return report, screening.accepted
+
+    def reply_reference(self) -> ReferenceFn | None:
+        """Return what picks each reply's reference model; None checks every reply against the global model."""
+        return None
 
     def _record_lost_nodes(
         self, server_round: int, replies: list[Message], errors: list[Message], report: RoundFusion
