@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import signal
 from datetime import datetime, timezone
@@ -82,6 +83,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     translation.add_argument("--size", choices=("default", "tiny"), default="default", help="experiment size")
     translation.add_argument("--data-dir", type=Path, help="local Parquet data folder (default: $OTFUSE_DATA_DIR)")
     translation.set_defaults(handler=run_translation)
+
+    widths = benchmarks.add_parser(
+        "widths",
+        help="OTFusion with mixed wide and narrow clients against all-wide and all-narrow runs",
+        description="Run OTFusion on IID SST-2 shards with every client at the global width, with "
+        "every second client at half the width (client-width-factors), and with a global model "
+        "and clients of half the width, over 3 seeds; write results.md, a CSV and a plot. "
+        "Finished runs in --out are read instead of run again.",
+    )
+    widths.add_argument("--out", type=Path, default=Path("outputs/bench-widths"),
+                        help="folder for results.md, the CSV, the plot and every run")
+    widths.add_argument("--tiny", action="store_true",
+                        help="2 clients, 2 rounds, 1 seed and a tiny model: a smoke test")
+    widths.add_argument("--data-dir", help="local Parquet data folder (default: $OTFUSE_DATA_DIR)")
+    widths.set_defaults(handler=run_widths)
 
     from otfuse.bench.config import available_experiments, load_experiment
 
@@ -199,6 +215,28 @@ def run_experiment_command(args: argparse.Namespace) -> int:
         config = config.with_overrides(seeds=tuple(args.seeds))
     modes = config.modes if args.mode == "all" else (args.mode,)
     report = run_experiment(config, args.out, data_dir=args.data_dir, modes=modes)
+    Console().print(f"results: {report}")
+    return 0
+
+
+def run_widths(args: argparse.Namespace) -> int:
+    """Run the client-widths experiment and print where its report is."""
+    import shlex
+    import sys
+
+    from otfuse.bench.widths import DEFAULT_SIZE, TINY_SIZE
+    from otfuse.bench.widths import run_widths as run_widths_experiment
+
+    command = "otfuse " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = f"{stamp}, {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    # As in otfuse bench strategies: raising on SIGTERM stops the running simulation's SuperLink.
+    previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        report = run_widths_experiment(args.out, TINY_SIZE if args.tiny else DEFAULT_SIZE,
+                                       data_dir=args.data_dir, command=command, machine=machine)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     Console().print(f"results: {report}")
     return 0
 
