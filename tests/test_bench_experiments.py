@@ -84,3 +84,31 @@ def test_perfectly_calibrated_predictor_has_small_ece():
     labels = np.where(correct, 1, 0)
     probabilities = np.stack([1 - confidence, confidence], axis=1)
     assert expected_calibration_error(probabilities, labels) < 0.01
+
+
+@pytest.mark.parametrize("name", [name for name in available_experiments() if name != "seeds"])
+def test_experiment_oneshot_tiny(name, data_dir, tmp_path):
+    # The seeds experiment has its own report test above.
+    config = tiny(name, seeds=(0,))
+
+    report = run_experiment(config, tmp_path, data_dir=data_dir, modes=("oneshot",), show_progress=False)
+
+    rows = pd.read_csv(tmp_path / "oneshot.csv")
+    assert set(config.variants) <= set(rows["model"])
+    assert rows["accuracy"].between(0, 1).all()
+    assert "## One-shot fusion" in report.read_text()
+
+
+@pytest.mark.slow
+def test_experiment_federated_tiny(data_dir, tmp_path):
+    # One experiment in federated mode: every experiment shares this path, and XED per
+    # language is the partitioning that the strategy benchmark's quick matrix leaves out.
+    config = tiny("multilingual", seeds=(0,))
+
+    report = run_experiment(config, tmp_path, data_dir=data_dir, modes=("federated",), show_progress=False)
+
+    text = report.read_text()
+    assert "fedavg" in text
+    assert "otfusion-hard" in text
+    for strategy in config.federated["strategies"]:
+        assert (tmp_path / "federated" / f"{strategy}-seed0" / "model.safetensors").is_file()
