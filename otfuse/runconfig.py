@@ -383,6 +383,40 @@ CLIENT_WIDTH_FACTORS = _setting(
     "fusion.anchor='global', hard or soft alignment and fusion.robust='none'.",
 )
 
+# Secure aggregation (strategy 'otfusion-client' only): Flower's SecAgg+ protocol.
+SECAGG_ENABLED = _setting(
+    "secagg.enabled", bool, False,
+    "Strategy 'otfusion-client' only: send the client-aligned models through Flower's SecAgg+ "
+    "protocol, so the server learns only their weighted sum. Runs Flower's legacy workflow; "
+    "client-side evaluation and resume-from are not available.",
+)
+SECAGG_NUM_SHARES = _setting(
+    "secagg.num-shares", int, 3,
+    "SecAgg+: shares of each client's secret keys, one per neighbour including itself; at "
+    "least 3, and at most the number of clients sampled per round.",
+    minimum=3,
+)
+SECAGG_RECONSTRUCTION_THRESHOLD = _setting(
+    "secagg.reconstruction-threshold", int, 2,
+    "SecAgg+: shares needed to rebuild a key, at least 2 and below secagg.num-shares; higher "
+    "values protect better against colluding clients and tolerate fewer dropouts.",
+    minimum=2,
+)
+SECAGG_CLIPPING_RANGE = _setting(
+    "secagg.clipping-range", float, 8.0,
+    "SecAgg+: every sent weight, times the client's share num-examples / secagg.max-weight, "
+    "must lie in [-clipping-range, clipping-range]; a client whose weights do not fails "
+    "instead of sending clipped weights. Larger ranges cost precision.",
+    minimum=0.0, exclusive_minimum=True,
+)
+SECAGG_MAX_WEIGHT = _setting(
+    "secagg.max-weight", float, 3000.0,
+    "SecAgg+: the largest num-examples a client is expected to report. Set it to at least "
+    "the largest client's training examples and as close to it as possible: the rounding "
+    "error of the average grows with max-weight / total examples.",
+    minimum=0.0, exclusive_minimum=True,
+)
+
 # Benchmarks and tests only: one poisoned client, to measure robust strategies.
 ATTACK_KIND = _setting(
     "attack.kind", str, "none",
@@ -478,6 +512,7 @@ def load_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     _check_classes(config)
     _check_model(config)
     _check_widths(config)
+    _check_secagg(config)
     return config
 
 
@@ -600,6 +635,31 @@ def _check_widths(config: RunConfig) -> None:
                 f"run-config key {key!r} = {text!r} cannot be combined with {other}={value!r}: "
                 f"{fix}, or set {key} to \"\""
             )
+
+
+def _check_secagg(config: RunConfig) -> None:
+    if not config.get(SECAGG_ENABLED):
+        return
+    strategy = config.get(STRATEGY)
+    if strategy != "otfusion-client":
+        raise RunConfigError(
+            f"run-config key {SECAGG_ENABLED.key!r} is true with strategy {strategy!r}; secure "
+            "aggregation lets the server compute only a weighted sum, so it needs "
+            "strategy='otfusion-client' (clients align, the server averages); set "
+            f"strategy=otfusion-client or {SECAGG_ENABLED.key}=false"
+        )
+    if config.get(RESUME_FROM):
+        raise RunConfigError(
+            f"run-config key {RESUME_FROM.key!r} is set but {SECAGG_ENABLED.key} is true; Flower's "
+            f"SecAgg+ workflow always starts at round 1, so start a new run or set "
+            f"{SECAGG_ENABLED.key}=false"
+        )
+    shares, threshold = config.get(SECAGG_NUM_SHARES), config.get(SECAGG_RECONSTRUCTION_THRESHOLD)
+    if threshold >= shares:
+        raise RunConfigError(
+            f"run-config key {SECAGG_RECONSTRUCTION_THRESHOLD.key!r} is {threshold} but must be "
+            f"below {SECAGG_NUM_SHARES.key} ({shares}); lower the threshold or raise the shares"
+        )
 
 
 #: Settings that may change when a run resumes, because none of them changes what a

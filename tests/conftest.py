@@ -1,11 +1,15 @@
 """Shared pytest fixtures."""
 
+import os
 from pathlib import Path
 
 import pytest
 
-# The repository is cloned beside a `shared/` folder, whose `data/` contains the offline data sets.
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The repository is cloned beside a `shared/` folder, whose `data/` contains the offline data
+# sets; OTFUSE_DATA_DIR names another folder, for example for a checkout elsewhere.
+DATA_DIR = Path(
+    os.environ.get("OTFUSE_DATA_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+)
 
 
 @pytest.fixture(scope="session")

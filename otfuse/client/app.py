@@ -1,85 +1,47 @@
 """The ClientApp: trains and evaluates the global model on this node's partition only.
 
-Handlers stay thin: the data comes from :mod:`otfuse.client.partition` and the training
-from :mod:`otfuse.training`. Replies carry weights and aggregate metrics, never text.
+Handlers stay thin: the data comes from :mod:`otfuse.client.partition`, the training and
+the reply tensors from :mod:`otfuse.client.local_update`, and the SecAgg+ path lives in
+:mod:`otfuse.client.secagg`. Replies carry weights and aggregate metrics, never text.
 """
 
 from __future__ import annotations
 
-from logging import INFO
-
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common import log
 
 from otfuse import records
-from otfuse.client.alignment import reply_state
-from otfuse.client.attack import is_attacker, poisoned_labels
+from otfuse.client.local_update import local_update, node_partition, training_seed
 from otfuse.client.partition import load_partition
+from otfuse.client.secagg import carries_legacy_fitins, secagg_when_requested, train_legacy
 from otfuse.client.widths import node_model, received_state
-from otfuse.runconfig import (
-    ATTACK_KIND,
-    ATTACK_PARTITION,
-    BATCH_SIZE,
-    LEARNING_RATE,
-    LOCAL_EPOCHS,
-    SEED,
-    WEIGHT_DECAY,
-    RunConfig,
-    load_run_config,
-)
+from otfuse.runconfig import BATCH_SIZE, RunConfig, load_run_config
 from otfuse.task import RunModel
-from otfuse.training import evaluate_model, train_model
+from otfuse.training import evaluate_model
+
+__all__ = ["app", "node_partition", "proximal_mu", "training_seed"]
 
 app = ClientApp()
 
 
-@app.train()
+@app.train(mods=[secagg_when_requested])
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this node's train part and reply with the weights."""
-    config = load_run_config(context.run_config)
-    partition_id, num_partitions = node_partition(context)
-    server_round = int(msg.content[records.CONFIG][records.SERVER_ROUND])
-    data = load_partition(config, partition_id, num_partitions)
-    task = node_model(config, partition_id)
-    model = _received_model(msg, config, task)
-    train_labels = data.train_labels
-    if is_attacker(config.get(ATTACK_KIND), config.get(ATTACK_PARTITION), partition_id):
-        # Benchmarks only: this partition plays the poisoned client of the attack.* settings.
-        train_labels = poisoned_labels(train_labels, config.get(ATTACK_KIND), config.model_config().n_classes)
+    """Train the received global model on this node's train part and reply with the weights.
 
-    result = train_model(
-        model,
-        data.train_ids,
-        train_labels,
-        epochs=config.get(LOCAL_EPOCHS),
-        batch_size=config.get(BATCH_SIZE),
-        lr=config.get(LEARNING_RATE),
-        weight_decay=config.get(WEIGHT_DECAY),
-        seed=training_seed(config.get(SEED), partition_id, server_round),
-        proximal_mu=proximal_mu(msg),
+    An instruction of Flower's SecAgg+ workflow (legacy ``fitins`` records) goes to
+    :func:`otfuse.client.secagg.train_legacy`, which replies in the legacy format.
+    """
+    if carries_legacy_fitins(msg):
+        return train_legacy(msg, context)
+    config = load_run_config(context.run_config)
+    server_round = int(msg.content[records.CONFIG][records.SERVER_ROUND])
+    update = local_update(
+        config, context, msg.content[records.ARRAYS].to_torch_state_dict(), server_round, proximal_mu(msg)
     )
-    log(
-        INFO,
-        "partition %d, round %d: trained on %d examples in %.1f s, loss %.4f",
-        partition_id, server_round, result["num_examples"], result["seconds"], result["train_loss"],
+    content = RecordDict(
+        {records.ARRAYS: ArrayRecord(update.state), records.METRICS: MetricRecord(update.metrics)}
     )
-    state, reply_metrics = reply_state(
-        config, task, task.exchanged_state(model), msg.content[records.ARRAYS].to_torch_state_dict(),
-        data.train_ids, partition_id,
-    )
-    metrics = MetricRecord(
-        {
-            records.TRAIN_LOSS: float(result["train_loss"]),
-            records.TRAIN_ACCURACY: float(result["train_accuracy"]),
-            records.NUM_EXAMPLES: int(result["num_examples"]),
-            records.TRAIN_SECONDS: float(result["seconds"]),
-            **reply_metrics,
-        }
-    )
-    content = RecordDict({records.ARRAYS: ArrayRecord(state), records.METRICS: metrics})
     return Message(content, reply_to=msg)
 
 
@@ -107,20 +69,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({records.METRICS: metrics}), reply_to=msg)
 
 
-def node_partition(context: Context) -> tuple[int, int]:
-    """Return this node's partition id and the number of partitions from its node config."""
-    keys = (records.PARTITION_ID, records.NUM_PARTITIONS)
-    missing = [key for key in keys if key not in context.node_config]
-    if missing:
-        raise ValueError(
-            f"node config has no {missing[0]!r}; the simulation sets it, and a SuperNode needs "
-            "--node-config \"partition-id=0 num-partitions=3\""
-        )
-    partition_id = int(context.node_config[records.PARTITION_ID])
-    num_partitions = int(context.node_config[records.NUM_PARTITIONS])
-    return partition_id, num_partitions
-
-
 def proximal_mu(msg: Message) -> float:
     """Return the FedProx weight ``proximal-mu`` of the train config, 0 when absent.
 
@@ -135,12 +83,6 @@ def proximal_mu(msg: Message) -> float:
             "the server's fedprox.mu setting"
         )
     return float(value)
-
-
-def training_seed(run_seed: int, partition_id: int, server_round: int) -> int:
-    """Derive a seed for one node and round, distinct across nodes and rounds of a run."""
-    sequence = np.random.SeedSequence([run_seed, partition_id, server_round])
-    return int(sequence.generate_state(1, dtype=np.uint32)[0])
 
 
 def _received_model(msg: Message, config: RunConfig, task: RunModel) -> torch.nn.Module:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from logging import INFO
+from pathlib import Path
 
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -16,6 +17,7 @@ from otfuse.runconfig import (
     OUTPUT_DIR,
     RESUME_FROM,
     ROUND_TIMEOUT,
+    SECAGG_ENABLED,
     SEED,
     STRATEGY,
     load_run_config,
@@ -31,15 +33,20 @@ from otfuse.server.outputs import (
 )
 from otfuse.server.loop import run_rounds
 from otfuse.server.rounds import RoundReporter
+from otfuse.server.secagg import run_secure_rounds
 from otfuse.strategies import ClientMetricsLog, build_strategy
-from otfuse.task import run_model
+from otfuse.task import RunModel, run_model
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Train for ``num-server-rounds`` rounds from a seeded initial model or a checkpoint."""
+    """Train for ``num-server-rounds`` rounds from a seeded initial model or a checkpoint.
+
+    With ``secagg.enabled`` the rounds run in Flower's legacy SecAgg+ workflow
+    (:mod:`otfuse.server.secagg`); the outputs are the same.
+    """
     config = load_run_config(context.run_config)
     strategy_name = config.get(STRATEGY)
     num_rounds = config.get(NUM_SERVER_ROUNDS)
@@ -50,7 +57,8 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Output folder: %s", output_dir)
 
     train_log, evaluate_log = ClientMetricsLog(), ClientMetricsLog()
-    strategy = build_strategy(
+    secure = config.get(SECAGG_ENABLED)
+    strategy = None if secure else build_strategy(
         config, train_metrics_aggr_fn=train_log, evaluate_metrics_aggr_fn=evaluate_log
     )
     task = run_model(config)
@@ -67,15 +75,23 @@ def main(grid: Grid, context: Context) -> None:
     )
     store = CheckpointStore(output_dir / CHECKPOINT_DIR, keep=config.get(CHECKPOINT_KEEP), write=task.save)
 
-    def finish_round(server_round: int, round_arrays: ArrayRecord) -> None:
-        reporter(server_round, round_arrays)
+    def finish_round(server_round: int, round_arrays: ArrayRecord) -> MetricRecord:
+        summary = reporter(server_round, round_arrays)
         store.save(
             server_round,
             round_arrays.to_torch_state_dict(),
             run_config=config.to_flower(),
-            strategy_state=strategy.state_dict(),
+            strategy_state=strategy.state_dict() if strategy is not None else {},
             metrics=reporter.records,
         )
+        return summary
+
+    if strategy is None:
+        arrays = run_secure_rounds(
+            grid, context, config, arrays, on_round_end=finish_round, train_log=train_log
+        )
+        _save_final(task, output_dir, arrays, strategy_name, num_rounds, writer)
+        return
 
     log(INFO, "Starting %s strategy:", type(strategy).__name__)
     strategy.summary()
@@ -100,6 +116,13 @@ def main(grid: Grid, context: Context) -> None:
         timeout=config.get(ROUND_TIMEOUT),
         on_round_end=finish_round,
     )
+    _save_final(task, output_dir, arrays, strategy_name, num_rounds, writer)
+
+
+def _save_final(
+    task: RunModel, output_dir: Path, arrays: ArrayRecord, strategy_name: str, num_rounds: int,
+    writer: MetricsWriter,
+) -> None:
     model_path = task.save(
         output_dir / MODEL_FILE,
         arrays.to_torch_state_dict(),

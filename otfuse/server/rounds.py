@@ -23,7 +23,8 @@ class RoundReporter:
     Call an instance as ``reporter(server_round, arrays)`` for round 0 (the initial model)
     and after the aggregation and client evaluation of every later round, when the
     strategy's logs for that round are complete. ``records`` keeps every record written,
-    for the round checkpoints.
+    for the round checkpoints. ``strategy`` is None in SecAgg+ runs, whose records have no
+    fusion details and no byte counts.
     """
 
     def __init__(
@@ -31,7 +32,7 @@ class RoundReporter:
         *,
         run_id: int,
         strategy_name: str,
-        strategy: Strategy,
+        strategy: Strategy | None,
         num_rounds: int,
         evaluator: GlobalEvaluator,
         writer: MetricsWriter,
