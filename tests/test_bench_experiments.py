@@ -112,3 +112,21 @@ def test_experiment_federated_tiny(data_dir, tmp_path):
     assert "otfusion-hard" in text
     for strategy in config.federated["strategies"]:
         assert (tmp_path / "federated" / f"{strategy}-seed0" / "model.safetensors").is_file()
+
+
+def test_federated_section_states_run_config_epochs(tmp_path, monkeypatch):
+    import otfuse.bench.federated as federated
+
+    def fake_run_one(config, strategy, seed, out_dir, data_dir=None):
+        return [{"round": number, "overall": {"accuracy": 0.5 + 0.1 * number}, "datasets": {}}
+                for number in range(3)]
+
+    monkeypatch.setattr(federated, "run_one", fake_run_one)
+    config = load_experiment("parallel").with_overrides(seeds=(0,))
+
+    section = federated.run_federated_mode(config, tmp_path, show_progress=False)
+
+    assert config.federated["run_config"]["local-epochs"] == 1
+    assert "1 local epoch(s) per round" in section
+    rows = pd.read_csv(tmp_path / "federated.csv")
+    assert set(rows.loc[rows["round"] > 0, "client_epochs_per_round"]) == {1}

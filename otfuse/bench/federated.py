@@ -238,13 +238,15 @@ def run_federated_mode(config: ExperimentConfig, out_dir: Path, data_dir=None, s
     model_bytes = 4 * sum(_count(shape) for shape in parameter_shapes(architecture).values())
     # Every round the server sends the global model to each client and each client replies with its model.
     bytes_per_round = 2 * config.num_parents * model_bytes
+    # The federated block's run_config may set other local epochs than the one-shot parents train.
+    local_epochs = int(config.federated.get("run_config", {}).get("local-epochs", config.epochs))
     rows = []
     with Progress(transient=True, disable=not show_progress) as progress:
         task = progress.add_task(f"{config.name} federated", total=len(strategies) * len(config.seeds))
         for seed in config.seeds:
             for strategy in strategies:
                 records = run_one(config, strategy, seed, out_dir, data_dir)
-                rows.extend(records_to_rows(records, strategy, seed, bytes_per_round, config.epochs))
+                rows.extend(records_to_rows(records, strategy, seed, bytes_per_round, local_epochs))
                 progress.advance(task)
     frame = pd.DataFrame(rows)
     frame.to_csv(out_dir / "federated.csv", index=False)
@@ -256,7 +258,7 @@ def run_federated_mode(config: ExperimentConfig, out_dir: Path, data_dir=None, s
     lines = [
         "## Federated simulation",
         "",
-        f"{rounds} rounds, {config.num_parents} clients, {config.epochs} local epoch(s) per round, "
+        f"{rounds} rounds, {config.num_parents} clients, {local_epochs} local epoch(s) per round, "
         f"{bytes_per_round / 1e6:.1f} MB sent per round (model down and up, every client). "
         "Every client starts each round from the same global model, so parents from different "
         "random initialisations exist only in one-shot mode. Scores of the global model after "
