@@ -379,9 +379,8 @@ def execute(plan: RunPlan, console: Console) -> list[dict[str, Any]]:
     env.pop(RAY_ADDRESS_ENV, None)
     if plan.ray_address is not None:
         env[RAY_ADDRESS_ENV] = plan.ray_address
-        # A cluster of other machines needs the driver's network address, which a loopback
-        # node address hides; a head on loopback needs the loopback address, or Ray finds
-        # no raylet at the driver's address and the simulation waits forever.
+        # A head on loopback needs a driver on loopback too, because otherwise Ray finds no
+        # raylet at the driver's address and the run hangs. Remote heads need the real address.
         if not is_loopback_address(plan.ray_address):
             env.pop(RAY_LOCAL_NODE_SWITCH, None)
     # A Flower home per run keeps parallel runs from sharing a config file or app folder.
