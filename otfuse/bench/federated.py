@@ -99,17 +99,10 @@ def run_one(config: ExperimentConfig, strategy: str, seed: int, out_dir: Path, d
     --ray-address``).
     """
     from otfuse.cli.run_command import execute, plan_run
-    from otfuse.server.outputs import METRICS_FILE, read_metrics
 
-    output_dir = out_dir / "federated" / f"{strategy}-seed{seed}"
-    values = run_config_values(config, strategy, seed)
-    if finished_run(output_dir, values):
-        logger.info("%s seed %d already ran; reading %s", strategy, seed, output_dir / METRICS_FILE)
-        return read_metrics(output_dir / METRICS_FILE)
-    if output_dir.exists():
-        logger.warning("%s seed %d: %s contains an unfinished run or other settings; running it again",
-                       strategy, seed, output_dir)
-        shutil.rmtree(output_dir)
+    output_dir, values, finished = _prepare_run(config, strategy, seed, out_dir)
+    if finished is not None:
+        return finished
     args = argparse.Namespace(
         app=None, strategy=None, rounds=None, data_dir=data_dir, num_clients=config.num_parents,
         output_dir=str(output_dir), run_config=[_run_config_line(values)],
@@ -131,15 +124,9 @@ def run_one_process(config: ExperimentConfig, strategy: str, seed: int, out_dir:
     from otfuse.cli.errors import CommandError
     from otfuse.server.outputs import METRICS_FILE, read_metrics
 
-    output_dir = out_dir / "federated" / f"{strategy}-seed{seed}"
-    values = run_config_values(config, strategy, seed)
-    if finished_run(output_dir, values):
-        logger.info("%s seed %d already ran; reading %s", strategy, seed, output_dir / METRICS_FILE)
-        return read_metrics(output_dir / METRICS_FILE)
-    if output_dir.exists():
-        logger.warning("%s seed %d: %s contains an unfinished run or other settings; running it again",
-                       strategy, seed, output_dir)
-        shutil.rmtree(output_dir)
+    output_dir, values, finished = _prepare_run(config, strategy, seed, out_dir)
+    if finished is not None:
+        return finished
     command = [
         sys.executable, "-m", "otfuse.cli.main", "run", "--quiet",
         "--num-clients", str(config.num_parents), "--client-cpus", "1",
@@ -165,6 +152,26 @@ def run_one_process(config: ExperimentConfig, strategy: str, seed: int, out_dir:
         raise CommandError(f"otfuse run for {strategy} seed {seed} exited with code 0 but left no "
                            f"complete run in {output_dir}")
     return read_metrics(output_dir / METRICS_FILE)
+
+
+def _prepare_run(config: ExperimentConfig, strategy: str, seed: int,
+                 out_dir: Path) -> tuple[Path, dict[str, Any], list[dict[str, Any]] | None]:
+    """Return the run's folder, its run-config values, and its records if it already finished.
+
+    A folder with an unfinished run, or a run with other settings, is deleted.
+    """
+    from otfuse.server.outputs import METRICS_FILE, read_metrics
+
+    output_dir = out_dir / "federated" / f"{strategy}-seed{seed}"
+    values = run_config_values(config, strategy, seed)
+    if finished_run(output_dir, values):
+        logger.info("%s seed %d already ran; reading %s", strategy, seed, output_dir / METRICS_FILE)
+        return output_dir, values, read_metrics(output_dir / METRICS_FILE)
+    if output_dir.exists():
+        logger.warning("%s seed %d: %s contains an unfinished run or other settings; running it again",
+                       strategy, seed, output_dir)
+        shutil.rmtree(output_dir)
+    return output_dir, values, None
 
 
 def finished_run(output_dir: Path, values: Mapping[str, Any]) -> bool:
