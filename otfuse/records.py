@@ -38,9 +38,8 @@ EVAL_F1_WEIGHTED = "eval_f1_weighted"
 def state_to_arrays(state: Mapping[str, torch.Tensor]) -> list[np.ndarray]:
     """Return the tensors of a state dict as numpy arrays, in the state dict's order.
 
-    Flower's legacy ``Parameters`` (used by its SecAgg+ workflow) carry an unnamed list of
-    arrays; server and clients build the same model, so the order of its state dict names
-    the list.
+    Flower's legacy ``Parameters``, which its SecAgg+ workflow uses, carry an unnamed list of
+    arrays. Server and clients build the same model, so its state-dict order names the list.
     """
     return [tensor.detach().cpu().numpy() for tensor in state.values()]
 

@@ -76,7 +76,8 @@ def run_config_values(config: ExperimentConfig, strategy: str, seed: int) -> dic
     return values
 
 
-def _run_config_line(values: Mapping[str, Any]) -> str:
+def run_config_line(values: Mapping[str, Any]) -> str:
+    """Format settings as a ``--run-config`` value (TOML literals)."""
     parts = []
     for key, value in values.items():
         if isinstance(value, bool):
@@ -105,7 +106,7 @@ def run_one(config: ExperimentConfig, strategy: str, seed: int, out_dir: Path, d
         return finished
     args = argparse.Namespace(
         app=None, strategy=None, rounds=None, data_dir=data_dir, num_clients=config.num_parents,
-        output_dir=str(output_dir), run_config=[_run_config_line(values)],
+        output_dir=str(output_dir), run_config=[run_config_line(values)],
         client_cpus=1, quiet=quiet, ray_address=ray_address,
     )
     plan = plan_run(args)
@@ -130,7 +131,7 @@ def run_one_process(config: ExperimentConfig, strategy: str, seed: int, out_dir:
     command = [
         sys.executable, "-m", "otfuse.cli.main", "run", "--quiet",
         "--num-clients", str(config.num_parents), "--client-cpus", "1",
-        "--output-dir", str(output_dir), "--run-config", _run_config_line(values),
+        "--output-dir", str(output_dir), "--run-config", run_config_line(values),
     ]
     if data_dir is not None:
         command += ["--data-dir", str(data_dir)]

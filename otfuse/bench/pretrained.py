@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from otfuse.bench.federated import run_config_line
 from otfuse.bench.runner import machine_description
 from otfuse.cli.flower_env import OFFLINE_SWITCHES
 
@@ -62,20 +63,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "freeze-embeddings": True,
     },
 }
-
-
-def run_config_line(values: Mapping[str, Any]) -> str:
-    """Format settings as a ``--run-config`` value (TOML literals)."""
-    parts = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, str):
-            text = json.dumps(value)
-        else:
-            text = repr(value)
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
 
 
 def exchanged_megabytes_per_round(values: Mapping[str, Any]) -> float:

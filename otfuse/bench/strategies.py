@@ -211,9 +211,9 @@ def run_matrix(matrix: Matrix, out_dir: Path, data_dir=None, *, ray_address: str
     next invocation runs it again. After :data:`MAX_CONSECUTIVE_FAILURES` failures in a row
     the benchmark stops with the last error. ``on_run`` is called before each run with its
     case, strategy and seed. ``jobs`` above 1 runs that many simulations at once, each as
-    an ``otfuse run`` child process; a simulation leaves a core mostly idle while Flower and
-    Ray start and pass messages, so 2 or 3 jobs finish sooner on two cores, at the price of
-    noisier timings.
+    an ``otfuse run`` child process. A simulation leaves a core mostly idle while Flower and
+    Ray start and pass messages, so 2 or 3 jobs finish sooner on two cores. The timings get
+    noisier.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -47,7 +47,7 @@ def scaled_config(base: ModelConfig, factor: float) -> ModelConfig:
     """Return ``base`` with ``d_ff`` and ``d_model`` scaled by ``factor``.
 
     ``d_ff`` is rounded to the nearest integer and ``d_model`` to the nearest multiple of
-    ``n_heads``; neither drops below its smallest valid value (1 unit, one unit per head).
+    ``n_heads``. Neither drops below its smallest valid value: 1 unit, and one unit per head.
     A factor of 1 returns ``base`` itself.
     """
     if factor == 1.0:

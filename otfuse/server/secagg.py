@@ -4,8 +4,8 @@ With ``secagg.enabled = true`` the ServerApp hands the rounds to this module. In
 SecAgg+ exists only for the legacy strategy API: ``DefaultWorkflow`` with a
 ``SecAggPlusWorkflow`` as its fit workflow, a ``LegacyContext`` and a legacy
 ``flwr.server.strategy.FedAvg``. The clients align their models to the global model
-themselves (:mod:`otfuse.client.secagg`), so the weighted mean that SecAgg+ reveals is the
-whole server step; the server obtains only the sum, never a single client's model.
+themselves (:mod:`otfuse.client.secagg`), so the weighted sum that SecAgg+ reveals is the
+whole server step. The server never sees a single client's model.
 
 Each round the workflow dequantises the masked sum in float64; :class:`SecureFedAvg`
 casts it back to the model's dtypes, and the evaluation function hands every global model
